@@ -1,0 +1,289 @@
+"""Curvature matrices on a parameter subset, all at the same scale as the Hessian of the
+training objective L(theta) = (1/n) sum_i l_i(theta), l_i the mean token NLL of sentence i.
+
+Notation: sentence i has T_i predicted tokens, logits z_t = W_d h_t + b_d, p_t = softmax(z_t),
+r_t = p_t - onehot(y_t), Lambda_t = diag(p_t) - p_t p_t^T, and J_t = d h_t / d theta.
+
+* Hessian:  H = (1/n) sum_i d^2 l_i / d theta^2.
+* Gauss-Newton (GGN) = true Fisher in closed form:
+  G = (1/n) sum_i (1/T_i) sum_t (dz_t/dtheta)^T Lambda_t (dz_t/dtheta)
+  (Martens 2020, "New insights and perspectives on the natural gradient method", sec. 9.2:
+  for softmax cross-entropy the GGN equals the Fisher of the model's predictive distribution).
+* True Fisher, Monte Carlo: labels y~ drawn from p_t at every position, k draws, s_i = T_i g_i(y~)
+  the gradient of the sentence NLL: F_k = (1/(n k)) sum_i sum_draws s_i s_i^T / T_i, with E[F_k] = G
+  (the cross-token terms vanish in expectation because E[r_t] = 0).
+* Empirical Fisher (EF): the same form with the real labels, F_emp = (1/n) sum_i T_i g_i g_i^T, i.e. one
+  outer product of per-example gradients per sentence (Kunstner, Balles, Hennig 2019, eq. 3), with the
+  1/T_i weight that puts it on the scale of H and G.
+* Identity: C = I, giving the gradient dot product.
+
+Every curvature offers ``solve(v, damping) = (C + damping I)^{-1} v`` and its eigenvalues.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+from torch.func import grad, jacfwd, vmap
+
+from .grads import DECODER, SubsetLoss, per_sample_grads
+
+
+class Curvature(ABC):
+    """A symmetric p x p curvature C with damped solves; the influence code needs nothing else."""
+
+    name: str
+    p: int
+
+    @abstractmethod
+    def eigvalsh(self) -> torch.Tensor:
+        """(p,) float64 eigenvalues in ascending order (negative ones included, never clipped)."""
+
+    @abstractmethod
+    def solve(self, v: torch.Tensor, damping: float) -> torch.Tensor:
+        """(C + damping I)^{-1} v for v of shape (p,) or (p, m); float64 result.
+
+        Raises:
+            ValueError: ``damping < 0``, ``v`` of the wrong size, or C + damping I singular.
+        """
+
+    def mean_eigenvalue(self) -> float:
+        """trace(C) / p, the scale used for relative damping (Karakida et al. 2019 call it m_lambda)."""
+        return float(self.eigvalsh().mean())
+
+    def _check(self, v: torch.Tensor, damping: float) -> torch.Tensor:
+        if not damping >= 0:
+            raise ValueError(f"damping must be >= 0, got {damping}")
+        if v.shape[0] != self.p:
+            raise ValueError(f"{self.name}: vector has {v.shape[0]} rows, curvature is {self.p} x {self.p}")
+        return v.double()
+
+
+def _check_invertible(name: str, shifted: torch.Tensor, damping: float) -> None:
+    smallest = shifted.abs().min()
+    if smallest <= shifted.abs().max() * shifted.numel() * torch.finfo(torch.float64).eps:
+        raise ValueError(
+            f"{name} + {damping:g} I is singular (|eigenvalue + damping| down to {smallest.item():.3g}); "
+            f"use a positive damping larger than the most negative eigenvalue's magnitude"
+        )
+
+
+class DenseCurvature(Curvature):
+    """A dense symmetric matrix. One float64 eigendecomposition C = Q diag(e) Q^T is computed on
+    first use and reused for every damping: solve(v) = Q diag(1 / (e + damping)) Q^T v.
+
+    Args:
+        matrix: (p, p) float tensor; symmetrised as (C + C^T) / 2.
+        name: label used in tables and figures.
+    Raises:
+        FloatingPointError: the matrix holds NaN or Inf.
+    """
+
+    def __init__(self, matrix: torch.Tensor, name: str):
+        if not torch.isfinite(matrix).all():
+            bad = (~torch.isfinite(matrix)).any(dim=1).nonzero().flatten().tolist()
+            raise FloatingPointError(f"{name} has NaN/Inf entries in rows {bad[:20]}")
+        m = matrix.double()
+        self.matrix = (m + m.T) / 2
+        self.name = name
+        self.p = m.shape[0]
+        self._eig: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._eig is None:
+            self._eig = torch.linalg.eigh(self.matrix)
+        return self._eig
+
+    def eigvalsh(self) -> torch.Tensor:
+        return self._eigh()[0]
+
+    def mean_eigenvalue(self) -> float:
+        return float(self.matrix.diagonal().mean())
+
+    def solve(self, v: torch.Tensor, damping: float) -> torch.Tensor:
+        v = self._check(v, damping)
+        evals, evecs = self._eigh()
+        shifted = evals + damping
+        _check_invertible(self.name, shifted, damping)
+        coef = evecs.T @ v
+        return evecs @ (coef / (shifted if v.dim() == 1 else shifted[:, None]))
+
+    def diagonal(self, name: str | None = None) -> "DiagonalCurvature":
+        """The diagonal approximation diag(C)."""
+        return DiagonalCurvature(self.matrix.diagonal(), name or f"{self.name} (diag)")
+
+
+class DiagonalCurvature(Curvature):
+    """C = diag(d). Args: d: (p,) float tensor; name: label."""
+
+    def __init__(self, d: torch.Tensor, name: str):
+        self.d = d.double()
+        self.name = name
+        self.p = d.shape[0]
+
+    def eigvalsh(self) -> torch.Tensor:
+        return self.d.sort().values
+
+    def solve(self, v: torch.Tensor, damping: float) -> torch.Tensor:
+        v = self._check(v, damping)
+        shifted = self.d + damping
+        _check_invertible(self.name, shifted, damping)
+        return v / (shifted if v.dim() == 1 else shifted[:, None])
+
+
+class IdentityCurvature(DiagonalCurvature):
+    """C = I: influence reduces to the (scaled) gradient dot product -g_test^T g_i / (1 + damping)."""
+
+    def __init__(self, p: int, name: str = "identity"):
+        super().__init__(torch.ones(p, dtype=torch.float64), name)
+
+
+def empirical_fisher(grads: torch.Tensor, lengths: torch.Tensor, name: str = "EF") -> DenseCurvature:
+    """Empirical Fisher F_emp = (1/n) sum_i T_i g_i g_i^T (module docstring; Kunstner et al. 2019, eq. 3).
+
+    Args:
+        grads: (n, p) per-sample gradients of the mean token NLL (nats/token).
+        lengths: (n,) number of predicted tokens T_i of each sample.
+    """
+    g = grads.double()
+    return DenseCurvature((g * lengths.double()[:, None]).T @ g / len(g), name)
+
+
+def mc_true_fisher(
+    loss: SubsetLoss, sentences: list[torch.Tensor], num_samples: int, seed: int = 0, chunk_size: int = 32
+) -> DenseCurvature:
+    """True Fisher by Monte Carlo: ``num_samples`` label draws from the model per position.
+
+    F_k = (1/(n k)) sum_i sum_{draws} T_i g_i(y~) g_i(y~)^T, an unbiased estimate of the GGN
+    (module docstring). Draws come from a ``torch.Generator`` seeded with ``seed``, so F_k is
+    reproducible bit for bit on the same device.
+
+    Returns:
+        DenseCurvature named ``"true Fisher (MC, k=...)"``.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([len(s) for s in sentences], device=loss.theta0.device, dtype=torch.float64)
+    total = torch.zeros(len(loss.theta0), len(loss.theta0), dtype=torch.float64, device=loss.theta0.device)
+    for draw in range(num_samples):
+        g = per_sample_grads(loss, sentences, chunk_size, generator, desc=f"true Fisher draw {draw + 1}/{num_samples}")
+        total += empirical_fisher(g, lengths).matrix
+    return DenseCurvature(total / num_samples, f"true Fisher (MC, k={num_samples})")
+
+
+def _decoder_coords(loss: SubsetLoss) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Positions in theta of LSTM-side and decoder coordinates, and for the decoder ones the
+    output row v_a and input feature k_a (-1 for the bias, whose feature is the constant 1)."""
+    positions, rows, feats, hidden = [], [], [], loss.base["decoder.weight"].shape[1]
+    for name in loss.subset.names:
+        idx = loss.indices[name]
+        pos = torch.arange(len(idx), device=idx.device) + loss._offsets[name]
+        if name in DECODER:
+            positions.append(pos)
+            rows.append(idx // hidden if name == "decoder.weight" else idx)
+            feats.append(idx % hidden if name == "decoder.weight" else torch.full_like(idx, -1))
+    p = len(loss.theta0)
+    is_dec = torch.zeros(p, dtype=torch.bool, device=loss.theta0.device)
+    cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long, device=is_dec.device)  # noqa: E731
+    dec_pos = cat(positions)
+    is_dec[dec_pos] = True
+    return (~is_dec).nonzero().flatten(), dec_pos, cat(rows), cat(feats)
+
+
+def hessian_and_ggn(
+    loss: SubsetLoss,
+    sentences: list[torch.Tensor],
+    chunk_size: int = 8,
+    token_chunk: int = 16,
+    theta: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+) -> tuple[DenseCurvature, DenseCurvature]:
+    """Exact Hessian H and Gauss-Newton G (= closed-form true Fisher) of the mean training loss
+    (1/n) sum_i w_i l_i(theta), with sample weights w_i (default 1).
+
+    Uses the structure of the loss instead of p Hessian-vector products through the V-way softmax.
+    Split theta into LSTM-side coordinates (l) and decoder coordinates (d). Per token,
+      G_ll = J^T (W_d^T Lambda W_d) J,   G_ld = J^T W_d^T Lambda E_d diag(f),   G_dd = diag(f) E_d^T Lambda E_d diag(f),
+      R_ll = d^2/dtheta_l^2 [ (W_d^T r)^T h(theta_l) ]  (second derivatives of h only),
+      R_ld[:, a] = r[v_a] J[k_a, :],   R_dd = 0,
+    where E_d selects the output rows v_a of the decoder coordinates and f_a = h[k_a] (1 for a bias).
+    H = G + R, each weighted by 1/(n T_i). J and R_ll come from one forward-over-reverse pass
+    (``jacfwd(grad)``) through the unrolled LSTM only; the softmax enters through W_d^T Lambda W_d.
+
+    Args:
+        loss: subset loss; its dtype sets the compute precision (results are float64).
+        sentences: the n_H sentences.
+        chunk_size: sentences per vectorised chunk; token_chunk: tokens per (H, V) x (V, H) product.
+        theta: (p,) point of evaluation, default ``loss.theta0``.
+        weights: (n,) sample weights w_i, default all ones (retraining uses 0 to remove a sample).
+    Returns:
+        (DenseCurvature "Hessian", DenseCurvature "GGN (true Fisher, closed form)").
+    """
+    lpos, dpos, rows, feats = _decoder_coords(loss)
+    theta = loss.theta0 if theta is None else theta
+    p, n = len(theta), len(sentences)
+    weights = torch.ones(n, dtype=theta.dtype, device=theta.device) if weights is None else weights.to(theta)
+    params = loss.params(theta)
+    W, bias = params["decoder.weight"], params["decoder.bias"]
+    hess = torch.zeros(p, p, dtype=torch.float64, device=W.device)
+    ggn = torch.zeros_like(hess)
+    theta_l0 = theta[lpos]
+
+    def hidden(theta_l, inputs):
+        return loss.logits(theta.index_put((lpos,), theta_l), inputs, return_hidden=True)
+
+    def grad_psi_and_h(theta_l, inputs, u):  # psi = sum_t u_t . h_t(theta_l), u held fixed
+        return grad(lambda th: ((u * (h := hidden(th, inputs))).sum(), h), has_aux=True)(theta_l)
+
+    second = vmap(jacfwd(grad_psi_and_h), in_dims=(None, 0, 0))
+    for idx, inputs, targets, mask in loss.batches(sentences, chunk_size, "exact Hessian and GGN"):
+        # w_i / T_i at real tokens, 0 at padding
+        w = mask.to(W.dtype) * (weights[idx][:, None] / mask.sum(-1, keepdim=True))
+        with torch.no_grad():
+            h = hidden(theta_l0, inputs)
+            probs = torch.softmax(h @ W.T + bias, dim=-1)
+            r = probs - torch.nn.functional.one_hot(targets, probs.shape[-1]).to(probs.dtype)
+        jac = None
+        if len(lpos):
+            r_ll, jac = second(theta_l0, inputs, w[..., None] * (r @ W))
+            hess[lpos[:, None], lpos] += r_ll.sum(0).double()
+            jac = jac[mask]
+        g_parts, r_ld = _token_blocks(W, h[mask], probs[mask], r[mask], w[mask], rows, feats, jac, token_chunk)
+        for (a, b), block in zip(((lpos, lpos), (lpos, dpos), (dpos, dpos)), g_parts):
+            ggn[a[:, None], b] += block
+            hess[a[:, None], b] += block
+        hess[lpos[:, None], dpos] += r_ld
+    for m in (hess, ggn):
+        m[dpos[:, None], lpos] = m[lpos[:, None], dpos].T
+    return DenseCurvature(hess / n, "Hessian"), DenseCurvature(ggn / n, "GGN (true Fisher, closed form)")
+
+
+def _token_blocks(W, h, probs, r, w, rows, feats, jac=None, token_chunk: int = 16):
+    """GGN blocks (ll, ld, dd) and R_ld summed over N real tokens, in float64.
+
+    Shapes: h (N, H), probs and r (N, V), w (N,), rows and feats (p_d,), jac (N, H, p_l) or None.
+    """
+    p_l = 0 if jac is None else jac.shape[-1]
+    f = torch.where(feats >= 0, h[:, feats.clamp(min=0)], 1.0)  # (N, p_d) decoder features
+    pv = probs[:, rows]
+    q = pv * f
+    same_row = rows[:, None] == rows[None, :]
+    g_dd = same_row * ((w[:, None] * pv * f).T @ f) - (w[:, None] * q).T @ q
+    g_ll = h.new_zeros(p_l, p_l)
+    g_ld = h.new_zeros(p_l, len(rows))
+    r_ld = h.new_zeros(p_l, len(rows))
+    for s in range(0, len(h) if jac is not None else 0, token_chunk):
+        sl = slice(s, s + token_chunk)
+        jw = jac[sl] * w[sl, None, None]
+        m = probs[sl] @ W  # (n, H) = W_d^T p_t
+        a = (W.T[None] * probs[sl, None, :]) @ W  # (n, H, H) = W_d^T diag(p_t) W_d
+        jm = torch.einsum("nhp,nh->np", jac[sl], m)
+        g_ll += jw.flatten(0, 1).T @ (a @ jac[sl]).flatten(0, 1) - (jm * w[sl, None]).T @ jm
+        x = (W[rows].T[None] - m[:, :, None]) * q[sl, None, :]  # (n, H, p_d) = W_d^T Lambda E_d diag(f)
+        g_ld += torch.einsum("nhp,nha->pa", jw, x)
+        coef = w[sl, None] * r[sl][:, rows] * (feats >= 0)  # (n, p_d)
+        r_ld += torch.einsum("na,nap->pa", coef, jac[sl][:, feats.clamp(min=0), :])
+    return (g_ll.double(), g_ld.double(), g_dd.double()), r_ld.double()

@@ -1,0 +1,179 @@
+"""Parameter subsets and per-sample gradients with ``torch.func``.
+
+Influence is computed on a subset S of the parameters with all others frozen at the trained
+values: theta_S is a flat (p,) vector of chosen coordinates, scattered back into the full tensors
+for every evaluation, so every derivative below is exact with respect to those coordinates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.func import functional_call, grad, vmap
+from tqdm.auto import tqdm
+
+from .data import bucket_batches, make_batch
+from .model import LSTMLM, sentence_loss
+
+DECODER = ("decoder.weight", "decoder.bias")
+
+
+@dataclass
+class ParamSubset:
+    """Coordinates of named parameter tensors; theta_S concatenates them in ``names`` order.
+
+    Attributes:
+        names: parameter names, e.g. ``["lstm.weight_hh_l0"]``.
+        indices: for each name, a sorted (k,) int64 tensor of flat indices into that tensor.
+    """
+
+    names: list[str]
+    indices: dict[str, torch.Tensor]
+
+    @property
+    def size(self) -> int:
+        """p, the number of coordinates."""
+        return sum(len(self.indices[n]) for n in self.names)
+
+    def to_dict(self) -> dict:
+        return {"names": self.names, "p": self.size, "per_tensor": {n: len(self.indices[n]) for n in self.names}}
+
+
+def select_subset(model: torch.nn.Module, names: list[str], num_coords: int | None = None, seed: int = 0) -> ParamSubset:
+    """Pick whole tensors, or ``num_coords`` coordinates drawn uniformly without replacement
+    (seeded) from the union of the named tensors.
+
+    Raises:
+        KeyError: a name is not a parameter of ``model`` (the message lists the valid names).
+        ValueError: no names, ``num_coords < 1``, or more coordinates asked than the tensors hold.
+    """
+    params = dict(model.named_parameters())
+    unknown = [n for n in names if n not in params]
+    if unknown:
+        raise KeyError(f"no parameter named {unknown}; valid names: {', '.join(params)}")
+    if not names:
+        raise ValueError("the parameter subset is empty; name at least one tensor")
+    sizes = [params[n].numel() for n in names]
+    total = sum(sizes)
+    if num_coords is None:
+        chosen = torch.arange(total)
+    elif not 1 <= num_coords <= total:
+        raise ValueError(f"num_coords={num_coords} must be in [1, {total}] for tensors {names}")
+    else:
+        chosen = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:num_coords].sort().values
+    offsets = torch.tensor([0] + sizes).cumsum(0)
+    indices = {
+        n: chosen[(chosen >= offsets[j]) & (chosen < offsets[j + 1])] - offsets[j] for j, n in enumerate(names)
+    }
+    return ParamSubset(list(names), indices)
+
+
+def default_subset(model: LSTMLM, kind: str = "recurrent", num_coords: int = 512, seed: int = 0) -> ParamSubset:
+    """The subsets used by the notebooks.
+
+    ``"recurrent"``: ``num_coords`` random coordinates of the last layer's ``weight_hh``, where
+    the Hessian differs from the Gauss-Newton matrix. ``"decoder"``: random coordinates of
+    ``decoder.weight``; the loss is then a softmax regression on fixed features, convex, and its
+    Hessian equals the true Fisher (Martens 2020, sec. 9.2), a sanity check.
+    """
+    names = {"recurrent": [f"lstm.weight_hh_l{model.config.num_layers - 1}"], "decoder": ["decoder.weight"]}
+    if kind not in names:
+        raise ValueError(f"unknown subset kind {kind!r}; choose one of {', '.join(names)}")
+    return select_subset(model, names[kind], num_coords, seed)
+
+
+class SubsetLoss:
+    """The per-sample loss as a function of theta_S, all other parameters frozen.
+
+    Args:
+        model: trained :class:`LSTMLM`; evaluated in eval mode (no dropout) with the unrolled LSTM.
+        subset: the coordinates theta_S.
+        dtype: float dtype of every computation (float64 for tests and exact checks).
+    Attributes:
+        theta0: (p,) the trained values of the subset coordinates.
+        eos_id: id used to start sentences and pad batches.
+    """
+
+    def __init__(self, model: LSTMLM, subset: ParamSubset, eos_id: int, dtype: torch.dtype = torch.float32):
+        self.model = model.eval()
+        self.subset = subset
+        self.eos_id = eos_id
+        self.base = {n: p.detach().to(dtype) for n, p in model.named_parameters()}
+        self.device = next(model.parameters()).device
+        self.indices = {n: i.to(self.device) for n, i in subset.indices.items()}
+        self.theta0 = torch.cat([self.base[n].flatten()[self.indices[n]] for n in subset.names])
+        split = [len(self.indices[n]) for n in subset.names]
+        self._offsets = dict(zip(subset.names, torch.tensor([0] + split).cumsum(0).tolist()))
+
+    def params(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Full parameter dict with the subset coordinates set to ``theta`` (p,)."""
+        params = dict(self.base)
+        for n in self.subset.names:
+            idx, start = self.indices[n], self._offsets[n]
+            flat = self.base[n].flatten().index_put((idx,), theta[start : start + len(idx)])
+            params[n] = flat.view_as(self.base[n])
+        return params
+
+    def logits(self, theta: torch.Tensor, inputs: torch.Tensor, return_hidden: bool = False) -> torch.Tensor:
+        """(..., L, V) logits, or (..., L, H) last-layer states, for (..., L) ``inputs``."""
+        kwargs = {"unrolled": True, "return_hidden": return_hidden}
+        return functional_call(self.model, self.params(theta), (inputs,), kwargs)
+
+    def loss(self, theta: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss l(theta) (mean token NLL, nats) for (..., L) inputs; returns (...,)."""
+        return sentence_loss(self.logits(theta, inputs), targets, mask)
+
+    def batches(self, sentences: list[torch.Tensor], chunk_size: int, desc: str | None = None):
+        """Yield (indices, inputs, targets, mask) for length-bucketed chunks of ``sentences``, on device."""
+        chunks = bucket_batches([len(s) for s in sentences], chunk_size)
+        for idx in tqdm(chunks, desc=desc, leave=False, disable=desc is None):
+            batch = make_batch([sentences[i] for i in idx], self.eos_id)
+            yield (idx, *(t.to(self.device) for t in batch))
+
+
+def sample_labels(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Labels drawn from the model's predictive distribution, one per position: (..., L) int64."""
+    probs = torch.softmax(logits.double(), dim=-1)
+    flat = probs.reshape(-1, probs.shape[-1])
+    draws = torch.multinomial(flat.cpu(), 1, generator=generator).to(logits.device)
+    return draws.view(probs.shape[:-1])
+
+
+def per_sample_grads(
+    loss: SubsetLoss,
+    sentences: list[torch.Tensor],
+    chunk_size: int = 32,
+    sampled_labels: torch.Generator | None = None,
+    desc: str | None = "per-sample gradients",
+    theta: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Gradient of each sample's loss l_i (mean token NLL, nats) with respect to theta_S.
+
+    g_i = d l_i / d theta_S at ``theta`` (default ``loss.theta0``), computed by ``vmap(grad(.))`` over length-bucketed
+    chunks; padding never enters (see :func:`ifutils.model.sentence_loss`).
+
+    Args:
+        loss: the subset loss.
+        sentences: n 1-D int64 tensors ending in ``<eos>``.
+        chunk_size: sentences per vectorised chunk (memory grows linearly with it).
+        sampled_labels: if given, replace each target by a label drawn from the model's own
+            softmax with this generator (for the true Fisher); otherwise use the real targets.
+        theta: (p,) point of evaluation; default the trained values.
+    Returns:
+        (n, p) tensor in ``loss``'s dtype and device, row i for ``sentences[i]``.
+    Raises:
+        FloatingPointError: a gradient is NaN or infinite; the message lists the sample indices.
+    """
+    theta = loss.theta0 if theta is None else theta
+    out = theta.new_empty(len(sentences), len(theta))
+    one = vmap(grad(loss.loss), in_dims=(None, 0, 0, 0))
+    for idx, inputs, targets, mask in loss.batches(sentences, chunk_size, desc):
+        if sampled_labels is not None:
+            with torch.no_grad():
+                targets = sample_labels(loss.logits(theta, inputs), sampled_labels)
+        out[idx] = one(theta, inputs, targets, mask)
+    bad = (~torch.isfinite(out).all(dim=1)).nonzero().flatten().tolist()
+    if bad:
+        raise FloatingPointError(f"non-finite per-sample gradients for samples {bad[:20]} (of {len(bad)})")
+    return out

@@ -1,0 +1,115 @@
+"""Files: atomic writes, checkpoints (loaded with ``weights_only=True``) and the results JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .data import Vocabulary
+from .model import LSTMLM, ModelConfig
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it onto ``path``.
+
+    A crash midway leaves the old file (or none), never a half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def save_checkpoint(path: str | os.PathLike, model: LSTMLM, vocab: Vocabulary, **extra: Any) -> Path:
+    """Atomically save weights, vocabulary, model config and ``extra`` (tensors, numbers, strings,
+    lists and dicts only, so that :func:`load_checkpoint` can use ``weights_only=True``)."""
+    payload = {
+        "state_dict": model.state_dict(),
+        "vocab": list(vocab.itos),
+        "model_config": model.config.to_dict(),
+        **extra,
+    }
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[LSTMLM, Vocabulary, dict]:
+    """Load a checkpoint written by :func:`save_checkpoint` without unpickling arbitrary objects.
+
+    Returns:
+        (model in eval mode on ``device``, vocabulary, the whole payload dict).
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not a checkpoint of this project or holds non-weight objects
+            (``torch.load(weights_only=True)`` refused it), or its vocabulary and weights disagree.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}; train one with train_lstm_penn_treebank.ipynb")
+    try:
+        payload = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, ... depending on the file
+        raise ValueError(f"{path} is not a loadable weights-only checkpoint: {err}") from err
+    if not isinstance(payload, dict) or not {"state_dict", "vocab", "model_config"} <= set(payload):
+        raise ValueError(f"{path} lacks state_dict/vocab/model_config; it was not written by ifutils")
+    config = ModelConfig(**payload["model_config"])
+    vocab = Vocabulary(payload["vocab"])
+    if len(vocab) != config.vocab_size:
+        raise ValueError(f"{path}: vocabulary has {len(vocab)} words but the model {config.vocab_size}")
+    model = LSTMLM(config).to(device)
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    return model, vocab, payload
+
+
+def environment() -> dict:
+    """Versions and git commit to store beside results, so each number can be traced."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    import numpy, scipy  # noqa: E401  (imported here: only their versions are needed)
+
+    return {
+        "git_commit": commit or "unknown",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "scipy": scipy.__version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}",
+    }
+
+
+def update_results(path: str | os.PathLike, section: str, data: dict) -> Path:
+    """Set ``results[section] = data`` in the JSON file at ``path`` (created if absent), atomically."""
+    path = Path(path)
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results[section] = data
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(results, indent=1, default=float)))
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"`` -> ``cuda`` when available, else ``cpu``; other names are passed to ``torch.device``.
+
+    Raises:
+        ValueError: ``cuda`` requested but no GPU is visible.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but torch sees no GPU; use 'cpu' or 'auto'")
+    return torch.device(device)

@@ -1,0 +1,89 @@
+"""Figures, each written atomically as PNG and returned as a matplotlib Figure for notebooks."""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from .io import atomic_write
+
+
+def save(fig: plt.Figure, path: str | os.PathLike) -> plt.Figure:
+    """Write ``fig`` to ``path`` as PNG (150 dpi) via a temporary file."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight"))
+    return fig
+
+
+def training_curves(history: list[dict], label: str, path: str | os.PathLike) -> plt.Figure:
+    """Training loss (nats/token) and validation perplexity per epoch."""
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax1.plot(epochs, [h["train_loss"] for h in history], "o-")
+    ax1.set(xlabel="epoch", ylabel="train loss (nats/token)", title=f"{label}: training loss")
+    ax2.plot(epochs, [h["valid_ppl"] for h in history], "o-", color="C1")
+    ax2.set(xlabel="epoch", ylabel="validation perplexity", title=f"{label}: validation perplexity")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    return save(fig, path)
+
+
+def score_scatter(reference: torch.Tensor, scores: dict[str, torch.Tensor], label: str, path: str | os.PathLike) -> plt.Figure:
+    """One panel per curvature: its influence scores against the reference (exact Hessian),
+    all (train, test) pairs, symmetric-log axes since scores span decades."""
+    n = len(scores)
+    cols = min(n, 4)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    ref = reference.flatten().cpu().numpy()
+    for ax, (name, s) in zip(axes.flat, scores.items()):
+        est = s.flatten().cpu().numpy()
+        ax.scatter(ref, est, s=2, alpha=0.3)
+        ax.set_xscale("symlog", linthresh=np.quantile(np.abs(ref), 0.1) + 1e-30)
+        ax.set_yscale("symlog", linthresh=np.quantile(np.abs(est), 0.1) + 1e-30)
+        ax.set(title=name, xlabel="exact-Hessian influence", ylabel="influence")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(label)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def correlation_vs_damping(rows: list[dict], metric: str, label: str, path: str | os.PathLike) -> plt.Figure:
+    """``metric`` (e.g. spearman) of each curvature against the exact Hessian, one panel per damping
+    mode: absolute damping (x = lambda) and relative damping (x = alpha, lambda = alpha * mean eigenvalue)."""
+    modes = ["absolute", "relative"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for ax, mode in zip(axes, modes):
+        sel = [r for r in rows if r["mode"] == mode and r["curvature"] != "Hessian"]
+        for name in dict.fromkeys(r["curvature"] for r in sel):
+            pts = [(r["value"], r[metric]) for r in sel if r["curvature"] == name]
+            ax.plot(*zip(*pts), "o-", label=name, ms=3)
+        ax.set_xscale("log")
+        ax.set(xlabel="damping lambda" if mode == "absolute" else "alpha (lambda = alpha * mean eigenvalue)",
+               title=f"{mode} damping", ylabel=f"{metric} vs exact Hessian")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle(label)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def spectra(eigenvalues: dict[str, torch.Tensor], label: str, path: str | os.PathLike) -> plt.Figure:
+    """Sorted eigenvalue magnitudes on a log axis; negative eigenvalues are drawn as crosses,
+    never dropped."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for k, (name, ev) in enumerate(eigenvalues.items()):
+        ev = ev.double().cpu().numpy()[::-1]
+        rank = np.arange(1, len(ev) + 1)
+        pos = ev > 0
+        ax.plot(rank[pos], ev[pos], ".", ms=3, color=f"C{k}", label=f"{name} ({(~pos).sum()} <= 0)")
+        if (~pos).any():
+            ax.plot(rank[~pos], np.abs(ev[~pos]) + 1e-300, "x", ms=3, color=f"C{k}")
+    ax.set_yscale("log")
+    ax.set(xlabel="eigenvalue rank", ylabel="|eigenvalue|", title=f"{label}: spectra (x = negative)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return save(fig, path)

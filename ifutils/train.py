@@ -1,0 +1,132 @@
+"""Training the LSTM language model with Adam, one checkpoint per epoch, resumable."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import Corpus, bucket_batches, make_batch
+from .io import load_checkpoint, save_checkpoint
+from .model import LSTMLM, ModelConfig, sentence_loss, token_nll
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings.
+
+    Attributes:
+        epochs: passes over the training sentences.
+        batch_size: sentences per batch (bucketed by length).
+        lr: Adam learning rate, halved after any epoch whose validation perplexity did not improve.
+        clip: gradient-norm clipping threshold.
+        seed: seeds initialisation, batch order and dropout.
+        max_train_sentences: train on the first N sentences only (smoke runs); None for all.
+    """
+
+    epochs: int = 6
+    batch_size: int = 32
+    lr: float = 2e-3
+    clip: float = 1.0
+    seed: int = 0
+    max_train_sentences: int | None = None
+
+
+@torch.no_grad()
+def perplexity(model: LSTMLM, sentences: list[torch.Tensor], eos_id: int, batch_size: int = 128) -> float:
+    """exp(total NLL / total tokens) over ``sentences``, each started from a zero state.
+
+    Units: per-token perplexity; every sentence contributes its words and one ``<eos>``.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for idx in bucket_batches([len(s) for s in sentences], batch_size):
+        inputs, targets, mask = (t.to(device) for t in make_batch([sentences[i] for i in idx], eos_id))
+        nll = torch.where(mask, token_nll(model(inputs), targets), 0.0)
+        total += nll.sum().item()
+        count += mask.sum().item()
+    model.train(was_training)
+    return math.exp(total / count)
+
+
+def train_language_model(
+    corpus: Corpus,
+    model_config: ModelConfig,
+    config: TrainConfig,
+    checkpoint_path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+) -> tuple[LSTMLM, list[dict]]:
+    """Train (or resume training) an :class:`LSTMLM` on ``corpus``.
+
+    The loss minimised is the mean over a batch's sentences of the per-sentence mean token NLL
+    (:func:`ifutils.model.sentence_loss`), matching the per-sample loss used for influence.
+    After each epoch the checkpoint at ``checkpoint_path`` is rewritten atomically with weights,
+    optimiser and RNG state and the history; an existing checkpoint for the same configuration is
+    resumed from its last finished epoch (so a killed run loses at most one epoch).
+
+    Returns:
+        (model in eval mode, history) where history holds one dict per epoch with
+        ``train_loss`` (nats/token, batch-averaged), ``valid_ppl``, ``lr`` and ``seconds``.
+    Raises:
+        FloatingPointError: a non-finite training loss; the last good checkpoint is kept.
+        ValueError: the checkpoint on disk was written with another configuration.
+    """
+    eos_id = corpus.vocab.stoi["<eos>"]
+    train = corpus.splits["train"][: config.max_train_sentences]
+    torch.manual_seed(config.seed)
+    model = LSTMLM(model_config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    history: list[dict] = []
+    if Path(checkpoint_path).is_file():
+        _, _, payload = load_checkpoint(checkpoint_path, device)
+        if payload.get("train_config") != asdict(config) or payload["model_config"] != model_config.to_dict():
+            raise ValueError(
+                f"{checkpoint_path} was trained with another configuration; delete it or pick another path"
+            )
+        model.load_state_dict(payload["state_dict"])
+        optimizer.load_state_dict(payload["optimizer"])
+        torch.set_rng_state(payload["rng_state"])
+        history = payload["history"]
+    for epoch in range(len(history), config.epochs):
+        start = time.perf_counter()
+        model.train()
+        generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+        batches = bucket_batches([len(s) for s in train], config.batch_size, shuffle=True, generator=generator)
+        running, bar = 0.0, tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False)
+        for step, idx in enumerate(bar, 1):
+            inputs, targets, mask = (t.to(device) for t in make_batch([train[i] for i in idx], eos_id))
+            loss = sentence_loss(model(inputs), targets, mask).mean()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite training loss {loss.item()} at epoch {epoch + 1}, step {step}; the last "
+                    f"good checkpoint ({len(history)} epochs) is kept at {checkpoint_path}. Lower lr or clip."
+                )
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
+            optimizer.step()
+            running += loss.item()
+            bar.set_postfix(loss=f"{running / step:.3f}")
+        valid_ppl = perplexity(model, corpus.splits["valid"], eos_id)
+        lr = optimizer.param_groups[0]["lr"]
+        history.append(
+            {"epoch": epoch + 1, "train_loss": running / len(batches), "valid_ppl": valid_ppl, "lr": lr,
+             "seconds": time.perf_counter() - start}
+        )
+        if epoch > 0 and valid_ppl >= min(h["valid_ppl"] for h in history[:-1]):
+            for group in optimizer.param_groups:
+                group["lr"] = lr / 2
+        tqdm.write(f"epoch {epoch + 1}: train loss {history[-1]['train_loss']:.3f}, valid ppl {valid_ppl:.1f}")
+        save_checkpoint(
+            checkpoint_path, model, corpus.vocab, train_config=asdict(config), optimizer=optimizer.state_dict(),
+            rng_state=torch.get_rng_state(), history=history, dataset=corpus.name,
+        )
+    model.eval()
+    return model, history

@@ -226,8 +226,7 @@ def hessian_and_ggn(
     theta = loss.theta0 if theta is None else theta
     p, n = len(theta), len(sentences)
     weights = torch.ones(n, dtype=theta.dtype, device=theta.device) if weights is None else weights.to(theta)
-    params = loss.params(theta)
-    W, bias = params["decoder.weight"], params["decoder.bias"]
+    W, bias = loss.dense("decoder.weight", theta), loss.dense("decoder.bias", theta)
     hess = torch.zeros(p, p, dtype=torch.float64, device=W.device)
     ggn = torch.zeros_like(hess)
     theta_l0 = theta[lpos]

@@ -7,10 +7,12 @@ for every evaluation, so every derivative below is exact with respect to those c
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass
 
 import torch
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 from tqdm.auto import tqdm
 
 from .data import bucket_batches, make_batch
@@ -86,39 +88,54 @@ def default_subset(model: LSTMLM, kind: str = "recurrent", num_coords: int = 512
 class SubsetLoss:
     """The per-sample loss as a function of theta_S, all other parameters frozen.
 
+    The subset enters the network as sparse changes theta_S - theta0 added through ``index_add``
+    (:func:`ifutils.model.add_delta`), so derivatives never form a full-size weight gradient.
+
     Args:
-        model: trained :class:`LSTMLM`; evaluated in eval mode (no dropout) with the unrolled LSTM.
+        model: trained :class:`LSTMLM`; a frozen copy in ``dtype`` is evaluated in eval mode (no
+            dropout) with the unrolled LSTM.
         subset: the coordinates theta_S.
+        eos_id: id used to start sentences and pad batches.
         dtype: float dtype of every computation (float64 for tests and exact checks).
     Attributes:
         theta0: (p,) the trained values of the subset coordinates.
-        eos_id: id used to start sentences and pad batches.
+        indices: name -> flat indices into that tensor, on the model's device.
     """
 
     def __init__(self, model: LSTMLM, subset: ParamSubset, eos_id: int, dtype: torch.dtype = torch.float32):
-        self.model = model.eval()
+        self.model = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
         self.subset = subset
         self.eos_id = eos_id
-        self.base = {n: p.detach().to(dtype) for n, p in model.named_parameters()}
-        self.device = next(model.parameters()).device
+        self.base = dict(self.model.named_parameters())
+        self.device = next(self.model.parameters()).device
         self.indices = {n: i.to(self.device) for n, i in subset.indices.items()}
         self.theta0 = torch.cat([self.base[n].flatten()[self.indices[n]] for n in subset.names])
         split = [len(self.indices[n]) for n in subset.names]
         self._offsets = dict(zip(subset.names, torch.tensor([0] + split).cumsum(0).tolist()))
 
-    def params(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Full parameter dict with the subset coordinates set to ``theta`` (p,)."""
-        params = dict(self.base)
+    def _part(self, theta: torch.Tensor, name: str) -> torch.Tensor:
+        start = self._offsets[name]
+        return theta[start : start + len(self.indices[name])]
+
+    def deltas(self, theta: torch.Tensor) -> dict[str, tuple]:
+        """Sparse changes (rows, cols, theta - theta0) per subset tensor; see :data:`ifutils.model.SparseDelta`."""
+        out = {}
         for n in self.subset.names:
-            idx, start = self.indices[n], self._offsets[n]
-            flat = self.base[n].flatten().index_put((idx,), theta[start : start + len(idx)])
-            params[n] = flat.view_as(self.base[n])
-        return params
+            idx, base = self.indices[n], self.base[n]
+            rows, cols = (idx, None) if base.dim() == 1 else (idx // base.shape[1], idx % base.shape[1])
+            out[n] = (rows, cols, self._part(theta, n) - self._part(self.theta0, n))
+        return out
+
+    def dense(self, name: str, theta: torch.Tensor) -> torch.Tensor:
+        """The full parameter tensor ``name`` with its subset coordinates set to ``theta`` (no autodiff)."""
+        base = self.base[name]
+        if name not in self.indices:
+            return base
+        return base.flatten().index_put((self.indices[name],), self._part(theta, name).detach()).view_as(base)
 
     def logits(self, theta: torch.Tensor, inputs: torch.Tensor, return_hidden: bool = False) -> torch.Tensor:
         """(..., L, V) logits, or (..., L, H) last-layer states, for (..., L) ``inputs``."""
-        kwargs = {"unrolled": True, "return_hidden": return_hidden}
-        return functional_call(self.model, self.params(theta), (inputs,), kwargs)
+        return self.model(inputs, unrolled=True, return_hidden=return_hidden, deltas=self.deltas(theta))
 
     def loss(self, theta: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Per-sample loss l(theta) (mean token NLL, nats) for (..., L) inputs; returns (...,)."""

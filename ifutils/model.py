@@ -36,30 +36,49 @@ class ModelConfig:
         return asdict(self)
 
 
-def unrolled_lstm(lstm: nn.LSTM, x: torch.Tensor) -> torch.Tensor:
+SparseDelta = tuple[torch.Tensor, "torch.Tensor | None", torch.Tensor]
+"""(rows, cols, values): an additive change of a few coordinates of a weight, W[rows, cols] += values
+(cols is None for a bias or other 1-D tensor). Adding it through ``index_add`` keeps derivatives with
+respect to ``values`` cheap: no full-size weight gradient is ever formed."""
+
+
+def add_delta(out: torch.Tensor, x: torch.Tensor | None, delta: SparseDelta | None) -> torch.Tensor:
+    """``out + x @ D^T`` for the sparse change D of a linear layer's weight, or ``out + D`` for a bias
+    (``x`` ignored). out: (..., F); x: (..., in); returns (..., F)."""
+    if delta is None:
+        return out
+    rows, cols, values = delta
+    src = values.expand(out.shape[:-1] + values.shape) if cols is None else values * x[..., cols]
+    return out.index_add(-1, rows, src)
+
+
+def unrolled_lstm(lstm: nn.LSTM, x: torch.Tensor, deltas: dict[str, SparseDelta] | None = None) -> torch.Tensor:
     """Run ``lstm``'s weights step by step from a zero state (PyTorch's LSTM equations).
 
     i, f, g, o = split(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh); c_t = s(f) c_{t-1} + s(i) tanh(g);
     h_t = s(o) tanh(c_t), with s the logistic sigmoid (``torch.nn.LSTM`` documentation).
 
     Args:
-        lstm: a unidirectional, ``batch_first`` ``nn.LSTM`` without projections; its parameters are
-            read as attributes, so ``torch.func.functional_call`` can substitute them.
+        lstm: a unidirectional, ``batch_first`` ``nn.LSTM`` without projections.
         x: (..., L, E) float inputs; any leading batch dims (or none, under ``vmap``).
+        deltas: optional sparse changes keyed ``weight_ih_l0``, ``bias_hh_l0``, ... (see :data:`SparseDelta`).
     Returns:
         (..., L, H) hidden states of the last layer, equal to ``lstm(x)[0]`` up to rounding.
     """
+    deltas = deltas or {}
     out = x
     for layer in range(lstm.num_layers):
-        w_ih = getattr(lstm, f"weight_ih_l{layer}")
-        w_hh = getattr(lstm, f"weight_hh_l{layer}")
-        bias = getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}")
-        pre = out @ w_ih.T + bias  # input part of all gates, all steps at once
+        name = lambda kind: f"{kind}_l{layer}"  # noqa: E731
+        w_ih, w_hh = getattr(lstm, name("weight_ih")), getattr(lstm, name("weight_hh"))
+        pre = out @ w_ih.T + getattr(lstm, name("bias_ih")) + getattr(lstm, name("bias_hh"))
+        pre = add_delta(pre, out, deltas.get(name("weight_ih")))  # input part of all gates, all steps
+        pre = add_delta(add_delta(pre, None, deltas.get(name("bias_ih"))), None, deltas.get(name("bias_hh")))
         h = pre.new_zeros(pre.shape[:-2] + (lstm.hidden_size,))
         c = h
         states = []
         for t in range(pre.shape[-2]):
-            i, f, g, o = (pre[..., t, :] + h @ w_hh.T).chunk(4, dim=-1)
+            gates = add_delta(pre[..., t, :] + h @ w_hh.T, h, deltas.get(name("weight_hh")))
+            i, f, g, o = gates.chunk(4, dim=-1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(c)
             states.append(h)
@@ -83,20 +102,41 @@ class LSTMLM(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.decoder = nn.Linear(config.hidden, config.vocab_size)
 
-    def forward(self, inputs: torch.Tensor, *, unrolled: bool = False, return_hidden: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        *,
+        unrolled: bool = False,
+        return_hidden: bool = False,
+        deltas: dict[str, SparseDelta] | None = None,
+    ) -> torch.Tensor:
         """Logits for next-word prediction.
 
         Args:
             inputs: (B, L) or, with ``unrolled=True``, (..., L) int64 word ids.
             unrolled: use :func:`unrolled_lstm` (vmap- and jvp-friendly) instead of ``nn.LSTM``.
             return_hidden: return the last LSTM layer's states instead of logits.
+            deltas: sparse changes of parameters, keyed by parameter name (``embedding.weight``,
+                ``lstm.weight_hh_l0``, ``decoder.weight``, ...); implies ``unrolled``.
         Returns:
             (..., L, V) float logits, or (..., L, H) hidden states with ``return_hidden``.
         """
-        x = self.drop(self.embedding(inputs))
-        h = unrolled_lstm(self.lstm, x) if unrolled else self.lstm(x)[0]
+        deltas = deltas or {}
+        x = self.embedding(inputs)
+        if "embedding.weight" in deltas:  # row r_a, column c_a changes where inputs == r_a
+            rows, cols, values = deltas["embedding.weight"]
+            x = x.index_add(-1, cols, values * (inputs[..., None] == rows).to(values.dtype))
+        x = self.drop(x)
+        if unrolled or deltas:
+            lstm_deltas = {k.removeprefix("lstm."): v for k, v in deltas.items() if k.startswith("lstm.")}
+            h = unrolled_lstm(self.lstm, x, lstm_deltas)
+        else:
+            h = self.lstm(x)[0]
         h = self.drop(h)
-        return h if return_hidden else self.decoder(h)
+        if return_hidden:
+            return h
+        logits = add_delta(self.decoder(h), h, deltas.get("decoder.weight"))
+        return add_delta(logits, None, deltas.get("decoder.bias"))
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ class TrainConfig:
         max_train_sentences: train on the first N sentences only (smoke runs); None for all.
     """
 
-    epochs: int = 6
+    epochs: int = 5
     batch_size: int = 32
     lr: float = 2e-3
     clip: float = 1.0

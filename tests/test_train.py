@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from ifutils.data import Corpus, Vocabulary
+from ifutils.io import load_checkpoint
+from ifutils.model import ModelConfig
+from ifutils.train import TrainConfig, perplexity, train_language_model
+
+from .conftest import random_sentences
+
+
+def toy_corpus():
+    vocab = Vocabulary(["<eos>"] + [f"w{i}" for i in range(1, 12)])
+    splits = {"train": random_sentences(64, 12, seed=3), "valid": random_sentences(16, 12, seed=4),
+              "test": random_sentences(16, 12, seed=5)}
+    return Corpus("toy", vocab, splits)
+
+
+def test_training_lowers_perplexity_and_checkpoint_round_trips(tmp_path):
+    corpus = toy_corpus()
+    cfg = ModelConfig(12, 8, 8, dropout=0.1)
+    model, history = train_language_model(corpus, cfg, TrainConfig(epochs=3, batch_size=8, lr=1e-2),
+                                          tmp_path / "ck.pt")
+    assert history[-1]["valid_ppl"] < history[0]["valid_ppl"]
+    loaded, vocab, payload = load_checkpoint(tmp_path / "ck.pt")
+    assert vocab.itos == corpus.vocab.itos and len(payload["history"]) == 3
+    assert perplexity(loaded, corpus.splits["valid"], 0) == pytest.approx(history[-1]["valid_ppl"], rel=1e-6)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_resumed_training_equals_uninterrupted(tmp_path):
+    corpus = toy_corpus()
+    cfg = ModelConfig(12, 8, 8, dropout=0.2)
+    full, _ = train_language_model(corpus, cfg, TrainConfig(epochs=3, batch_size=8), tmp_path / "a.pt")
+    # a run stopped after its first epoch leaves a 1-epoch checkpoint; resume it to 3 epochs
+    one = TrainConfig(epochs=1, batch_size=8)
+    train_language_model(corpus, cfg, one, tmp_path / "c.pt")
+    payload = torch.load(tmp_path / "c.pt", weights_only=True)
+    payload["train_config"]["epochs"] = 3
+    torch.save(payload, tmp_path / "c.pt")
+    resumed, history = train_language_model(corpus, cfg, TrainConfig(epochs=3, batch_size=8), tmp_path / "c.pt")
+    assert len(history) == 3
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_from_other_configuration_is_refused(tmp_path):
+    corpus = toy_corpus()
+    train_language_model(corpus, ModelConfig(12, 8, 8), TrainConfig(epochs=1, batch_size=8), tmp_path / "a.pt")
+    with pytest.raises(ValueError, match="another configuration"):
+        train_language_model(corpus, ModelConfig(12, 8, 16), TrainConfig(epochs=1, batch_size=8), tmp_path / "a.pt")
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    corpus = toy_corpus()
+    cfg = ModelConfig(12, 8, 8)
+    train_language_model(corpus, cfg, TrainConfig(epochs=1, batch_size=8), tmp_path / "a.pt")
+    payload = torch.load(tmp_path / "a.pt", weights_only=True)
+    payload["state_dict"]["decoder.bias"][3] = float("inf")  # poisons the next epoch's loss
+    payload["train_config"]["epochs"] = 2
+    torch.save(payload, tmp_path / "a.pt")
+    before = (tmp_path / "a.pt").read_bytes()
+    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+        train_language_model(corpus, cfg, TrainConfig(epochs=2, batch_size=8), tmp_path / "a.pt")
+    assert (tmp_path / "a.pt").read_bytes() == before
+
+
+def test_pickle_checkpoint_does_not_execute_code(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"state_dict": Evil(), "vocab": [], "model_config": {}}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="weights-only"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()

@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PYTHONUNBUFFERED=1
+mkdir -p results
 start=$(date +%s)
 .venv/bin/papermill --log-output train_lstm_penn_treebank.ipynb results/train_lstm_penn_treebank_ptb.ipynb "$@"
 .venv/bin/papermill --log-output fisher_if.ipynb results/fisher_if_ptb.ipynb "$@"

@@ -22,12 +22,14 @@ Every curvature offers ``solve(v, damping) = (C + damping I)^{-1} v`` and its ei
 
 from __future__ import annotations
 
-import math
+import os
+import warnings
 from abc import ABC, abstractmethod
 
 import torch
 from torch.func import grad, jacfwd, vmap
 
+from .cache import ChunkCache, derive_seed
 from .grads import DECODER, SubsetLoss, per_sample_grads
 
 
@@ -61,6 +63,34 @@ class Curvature(ABC):
         return v.double()
 
 
+def available_memory(device: torch.device | str = "cpu") -> int:
+    """Bytes that can still be allocated: free GPU memory on CUDA, MemAvailable of /proc/meminfo
+    (else total physical memory) on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_dense_fits(p: int, count: int = 4, device: torch.device | str = "cpu") -> None:
+    """Refuse to build dense p x p float64 matrices that would not fit, before allocating them.
+
+    Args:
+        count: how many p x p matrices the stage holds at once (e.g. H, GGN and their eigenvectors).
+    Raises:
+        MemoryError: with the estimate and the limit, and what to lower.
+    """
+    need, have = count * p * p * 8, available_memory(device)
+    if need > have:
+        raise MemoryError(
+            f"dense curvature on p={p:,} coordinates needs about {need / 2**30:.1f} GiB ({count} float64 "
+            f"{p:,} x {p:,} matrices) but {have / 2**30:.1f} GiB is available on {device}; lower num_coords"
+        )
+
+
 def _check_invertible(name: str, shifted: torch.Tensor, damping: float) -> None:
     smallest = shifted.abs().min()
     if smallest <= shifted.abs().max() * shifted.numel() * torch.finfo(torch.float64).eps:
@@ -71,8 +101,11 @@ def _check_invertible(name: str, shifted: torch.Tensor, damping: float) -> None:
 
 
 class DenseCurvature(Curvature):
-    """A dense symmetric matrix. One float64 eigendecomposition C = Q diag(e) Q^T is computed on
-    first use and reused for every damping: solve(v) = Q diag(1 / (e + damping)) Q^T v.
+    """A dense symmetric matrix, held in float64.
+
+    ``solve`` factorises C + damping I by Cholesky. When that fails (C + damping I is not positive
+    definite, as for an indefinite Hessian with small damping) it warns, giving the smallest eigenvalue,
+    and solves by the float64 eigendecomposition C = Q diag(e) Q^T: Q diag(1 / (e + damping)) Q^T v.
 
     Args:
         matrix: (p, p) float tensor; symmetrised as (C + C^T) / 2.
@@ -104,7 +137,15 @@ class DenseCurvature(Curvature):
 
     def solve(self, v: torch.Tensor, damping: float) -> torch.Tensor:
         v = self._check(v, damping)
+        eye = torch.eye(self.p, dtype=torch.float64, device=self.matrix.device)
+        factor, info = torch.linalg.cholesky_ex(self.matrix + damping * eye)
+        if info == 0:
+            return torch.cholesky_solve(v if v.dim() == 2 else v[:, None], factor).reshape(v.shape)
         evals, evecs = self._eigh()
+        warnings.warn(
+            f"{self.name} + {damping:g} I is not positive definite (smallest eigenvalue of {self.name} "
+            f"{evals[0].item():.3g}); solving by eigendecomposition", stacklevel=2,
+        )
         shifted = evals + damping
         _check_invertible(self.name, shifted, damping)
         coef = evecs.T @ v
@@ -147,29 +188,31 @@ def empirical_fisher(grads: torch.Tensor, lengths: torch.Tensor, name: str = "EF
         grads: (n, p) per-sample gradients of the mean token NLL (nats/token).
         lengths: (n,) number of predicted tokens T_i of each sample.
     """
+    check_dense_fits(grads.shape[1], 2, grads.device)
     g = grads.double()
     return DenseCurvature((g * lengths.double()[:, None]).T @ g / len(g), name)
 
 
 def mc_true_fisher(
-    loss: SubsetLoss, sentences: list[torch.Tensor], num_samples: int, seed: int = 0, chunk_size: int = 32
+    loss: SubsetLoss, sentences: list[torch.Tensor], num_samples: int, seed: int = 0, chunk_size: int = 32,
+    cache_dir: str | os.PathLike | None = None,
 ) -> DenseCurvature:
     """True Fisher by Monte Carlo: ``num_samples`` label draws from the model per position.
 
     F_k = (1/(n k)) sum_i sum_{draws} T_i g_i(y~) g_i(y~)^T, an unbiased estimate of the GGN
-    (module docstring). Draws come from a ``torch.Generator`` seeded with ``seed``, so F_k is
-    reproducible bit for bit on the same device.
+    (module docstring). Draw d uses the seed (``seed``, d) (see :func:`per_sample_grads`), so F_k is
+    reproducible bit for bit on the same device, also when resumed from ``cache_dir``.
 
     Returns:
         DenseCurvature named ``"true Fisher (MC, k=...)"``.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    generator = torch.Generator().manual_seed(seed)
     lengths = torch.tensor([len(s) for s in sentences], device=loss.theta0.device, dtype=torch.float64)
     total = torch.zeros(len(loss.theta0), len(loss.theta0), dtype=torch.float64, device=loss.theta0.device)
     for draw in range(num_samples):
-        g = per_sample_grads(loss, sentences, chunk_size, generator, desc=f"true Fisher draw {draw + 1}/{num_samples}")
+        g = per_sample_grads(loss, sentences, chunk_size, derive_seed(seed, draw),
+                             desc=f"true Fisher draw {draw + 1}/{num_samples}", cache_dir=cache_dir)
         total += empirical_fisher(g, lengths).matrix
     return DenseCurvature(total / num_samples, f"true Fisher (MC, k={num_samples})")
 
@@ -200,6 +243,7 @@ def hessian_and_ggn(
     token_chunk: int = 16,
     theta: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> tuple[DenseCurvature, DenseCurvature]:
     """Exact Hessian H and Gauss-Newton G (= closed-form true Fisher) of the mean training loss
     (1/n) sum_i w_i l_i(theta), with sample weights w_i (default 1).
@@ -219,12 +263,15 @@ def hessian_and_ggn(
         chunk_size: sentences per vectorised chunk; token_chunk: tokens per (H, V) x (V, H) product.
         theta: (p,) point of evaluation, default ``loss.theta0``.
         weights: (n,) sample weights w_i, default all ones (retraining uses 0 to remove a sample).
+        cache_dir: if given, the running sums are saved after every chunk (:class:`~ifutils.cache.ChunkCache`)
+            and a rerun after a kill continues from the last saved chunk, with bit-identical results.
     Returns:
         (DenseCurvature "Hessian", DenseCurvature "GGN (true Fisher, closed form)").
     """
     lpos, dpos, rows, feats = _decoder_coords(loss)
     theta = loss.theta0 if theta is None else theta
     p, n = len(theta), len(sentences)
+    check_dense_fits(p, 4, theta.device)
     weights = torch.ones(n, dtype=theta.dtype, device=theta.device) if weights is None else weights.to(theta)
     W, bias = loss.dense("decoder.weight", theta), loss.dense("decoder.bias", theta)
     hess = torch.zeros(p, p, dtype=torch.float64, device=W.device)
@@ -238,7 +285,17 @@ def hessian_and_ggn(
         return grad(lambda th: ((u * (h := hidden(th, inputs))).sum(), h), has_aux=True)(theta_l)
 
     second = vmap(jacfwd(grad_psi_and_h), in_dims=(None, 0, 0))
-    for idx, inputs, targets, mask in loss.batches(sentences, chunk_size, "exact Hessian and GGN"):
+    cache = None if cache_dir is None else ChunkCache(
+        cache_dir, {"stage": "Hessian and GGN", "chunk_size": chunk_size, "token_chunk": token_chunk,
+                    "subset": loss.subset.to_dict()},
+        loss.base, loss.subset.indices, theta, weights, sentences,
+    )
+    progress = (cache.get("progress") if cache else None) or {"chunks": 0}
+    if progress["chunks"]:
+        hess, ggn = progress["hess"].to(hess), progress["ggn"].to(ggn)
+    for j, (idx, inputs, targets, mask) in enumerate(loss.batches(sentences, chunk_size, "exact Hessian and GGN")):
+        if j < progress["chunks"]:
+            continue
         # w_i / T_i at real tokens, 0 at padding
         w = mask.to(W.dtype) * (weights[idx][:, None] / mask.sum(-1, keepdim=True))
         with torch.no_grad():
@@ -255,6 +312,8 @@ def hessian_and_ggn(
             ggn[a[:, None], b] += block
             hess[a[:, None], b] += block
         hess[lpos[:, None], dpos] += r_ld
+        if cache:
+            cache.put("progress", {"chunks": j + 1, "hess": hess.cpu(), "ggn": ggn.cpu()})
     for m in (hess, ggn):
         m[dpos[:, None], lpos] = m[lpos[:, None], dpos].T
     return DenseCurvature(hess / n, "Hessian"), DenseCurvature(ggn / n, "GGN (true Fisher, closed form)")

@@ -1,4 +1,4 @@
-"""Datasets: locating, downloading and verifying files, vocabulary, sentences and padded batches.
+"""Datasets: locating, downloading and verifying files, vocabulary, samples and padded batches.
 
 Penn Treebank in Mikolov's language-modelling format (Mikolov et al. 2010; Zaremba et al. 2014):
 one sentence per line, 10,000-word vocabulary with ``<unk>`` and ``N`` already applied.
@@ -7,6 +7,15 @@ A training *sample* is one sentence; ``<eos>`` is appended to each line when rea
 A sentence with word ids ``w_1 .. w_n`` is modelled as ``<eos> w_1 .. w_n`` -> ``w_1 .. w_n <eos>``
 (the leading ``<eos>`` plays the start symbol, as in the running-text setting), so it has
 ``T = n + 1`` predicted tokens, the count used for perplexity in the literature.
+
+text8 (Mahoney 2006; word-level LM setting of Mikolov et al. 2014, "Learning longer memory in recurrent
+neural networks"): the first 10^8 bytes of an English Wikipedia dump, lowercase a-z words separated by
+single spaces on one line. Standard character split: first 90% of the characters for training, next 5%
+for validation, last 5% for test (90M / 5M / 5M for the real file); a word cut by a split boundary is
+cut. The vocabulary is the top-V words of the train split, the rest mapped to ``<unk>``. text8 has no
+sentences, so a sample is a window of consecutive words (35 by default, no overlap), modelled as
+``<eos> w_1 .. w_34 -> w_1 .. w_35``. Any file in text8 format that is not the real text8 is labelled
+"text8-format sample" in every figure and result.
 """
 
 from __future__ import annotations
@@ -15,10 +24,14 @@ import hashlib
 import os
 import urllib.error
 import urllib.request
+import zipfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 DATA_ENV = "IFUTILS_DATA_DIR"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -31,8 +44,13 @@ PTB_MD5 = {
     "ptb.valid.txt": "aa0affc06ff7c36e977d7cd49e3839bf",
     "ptb.test.txt": "8b80168b89c18661a38ef683c0dc3721",
 }
+TEXT8_URL = "http://mattmahoney.net/dc/text8.zip"
+TEXT8_ZIP_SIZE = 31_344_016
+TEXT8_SIZE = 100_000_000
+TEXT8_SPLIT = (0.90, 0.95)  # train ends at 90% of the characters, validation at 95%
+TEXT8_CHARS = b"abcdefghijklmnopqrstuvwxyz "
 SPLITS = ("train", "valid", "test")
-DATASETS = ("ptb",)
+DATASETS = ("ptb", "text8")
 
 
 def data_dir(root: str | os.PathLike | None = None) -> Path:
@@ -59,13 +77,13 @@ def md5sum(path: Path) -> str:
     return digest.hexdigest()
 
 
-def download(url: str, dest: Path, md5: str, timeout: float = 30.0) -> Path:
-    """Download ``url`` to ``dest`` and verify its md5; nothing half-written is left behind.
+def download(url: str, dest: Path, md5: str | None = None, size: int | None = None, timeout: float = 30.0) -> Path:
+    """Download ``url`` to ``dest`` and verify its md5 and/or byte size; nothing half-written is left.
 
-    The bytes go to ``dest.tmp`` first and are renamed only once the checksum matches.
+    The bytes go to ``dest.tmp`` first and are renamed only once the checks pass.
 
     Raises:
-        ValueError: the downloaded file's md5 differs from ``md5``; the temporary file is deleted.
+        ValueError: the downloaded file's md5 or size differs; the temporary file is deleted.
         OSError: the download itself failed (no network, HTTP error); nothing is left on disk.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -74,10 +92,14 @@ def download(url: str, dest: Path, md5: str, timeout: float = 30.0) -> Path:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
             for block in iter(lambda: response.read(1 << 20), b""):
                 f.write(block)
-        got = md5sum(tmp)
-        if got != md5:
+        problems = []
+        if size is not None and tmp.stat().st_size != size:
+            problems.append(f"{tmp.stat().st_size:,} bytes, expected {size:,}")
+        if md5 is not None and (got := md5sum(tmp)) != md5:
+            problems.append(f"md5 {got}, expected {md5}")
+        if problems:
             raise ValueError(
-                f"downloaded {url} has md5 {got}, expected {md5}: the file is corrupt or not the "
+                f"downloaded {url} has {' and '.join(problems)}: the file is corrupt, truncated or not the "
                 f"canonical one, so it was deleted. Retry, or place a verified copy at {dest}."
             )
         os.replace(tmp, dest)
@@ -108,7 +130,7 @@ def ptb_files(
     errors = []
     for path in missing if allow_download else []:
         try:
-            download(base_url + path.name, path, PTB_MD5[path.name])
+            download(base_url + path.name, path, md5=PTB_MD5[path.name])
         except (OSError, urllib.error.URLError) as err:
             errors.append(f"{path.name}: {err}")
     missing = [p.name for p in paths.values() if not p.is_file()]
@@ -144,21 +166,29 @@ class Vocabulary:
         return len(self.itos)
 
     @classmethod
-    def build(cls, lines: list[list[str]], max_size: int = 10_000) -> "Vocabulary":
-        """Most frequent words of ``lines`` plus ``<eos>`` (ties broken alphabetically).
+    def from_counts(cls, counts: dict[str, int], max_size: int = 10_000) -> "Vocabulary":
+        """Words by decreasing count (ties alphabetical), ``max_size`` entries at most.
 
-        If the corpus has more than ``max_size`` types, the rarest are dropped and ``<unk>``
-        is kept. PTB's train split has exactly 9,999 word types + ``<eos>`` = 10,000.
+        ``<eos>`` is kept even if the data never has it (text8: start and padding symbol, id 0). When
+        there are more types than ``max_size``, the rarest are dropped and ``<unk>`` takes the last id.
+        PTB's train split has 9,999 word types + ``<eos>``, exactly 10,000: no truncation.
+
+        Raises:
+            ValueError: ``max_size < 2``.
         """
-        counts: dict[str, int] = {}
-        for words in lines:
-            for w in words:
-                counts[w] = counts.get(w, 0) + 1
-        counts[EOS] = len(lines)
+        if max_size < 2:
+            raise ValueError(f"max_size must be >= 2 (room for {EOS} and {UNK}), got {max_size}")
         words = sorted(counts, key=lambda w: (-counts[w], w))
+        if EOS not in counts:
+            words = [EOS] + words
         if len(words) > max_size:
             words = [w for w in words if w != UNK][: max_size - 1] + [UNK]
         return cls(words)
+
+    @classmethod
+    def build(cls, lines: list[list[str]], max_size: int = 10_000) -> "Vocabulary":
+        """:meth:`from_counts` over the words of ``lines``, with ``<eos>`` counted once per line."""
+        return cls.from_counts(Counter(w for words in lines for w in words) + Counter({EOS: len(lines)}), max_size)
 
     def encode(self, words: list[str]) -> torch.Tensor:
         """(n + 1,) int64 ids of ``words`` followed by ``<eos>``.
@@ -202,28 +232,160 @@ def load_corpus(
     root: str | os.PathLike | None = None,
     vocab: Vocabulary | None = None,
     allow_download: bool = True,
+    vocab_size: int = 10_000,
+    window: int = 35,
 ) -> Corpus:
     """Read, verify and tokenise a dataset.
 
     Args:
-        dataset: ``"ptb"``.
+        dataset: ``"ptb"`` (samples are sentences) or ``"text8"`` (samples are ``window``-word windows).
         root: data directory (see :func:`data_dir`).
         vocab: reuse this vocabulary (e.g. the one stored in a checkpoint) instead of building
             one from the train split.
         allow_download: fetch missing files when online.
+        vocab_size: V for text8 (PTB's files already have 10,000 types).
+        window: text8 window length in words.
     Returns:
-        A :class:`Corpus` with splits ``train``, ``valid``, ``test``.
+        A :class:`Corpus` with splits ``train``, ``valid``, ``test``; its ``name`` is ``"ptb"``,
+        ``"text8"`` or ``"text8-format sample"``.
     Raises:
-        ValueError: unknown ``dataset``, or a file fails its checksum.
+        ValueError: unknown ``dataset``, a file fails its checksum, size or format check.
         FileNotFoundError: files missing and not downloadable (message names them).
     """
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if dataset == "text8":
+        path, label = text8_file(root, allow_download)
+        return read_text8(path, label, vocab, vocab_size, window)
     paths = ptb_files(root, allow_download=allow_download)
     lines = {split: _read_lines(path) for split, path in paths.items()}
     vocab = vocab or Vocabulary.build(lines["train"])
     splits = {split: [vocab.encode(words) for words in ls] for split, ls in lines.items()}
     return Corpus(dataset, vocab, splits)
+
+
+def text8_file(root: str | os.PathLike | None = None, allow_download: bool = True, url: str = TEXT8_URL) -> tuple[Path, str]:
+    """Locate text8: ``<root>/text8/text8`` (the real file), else ``<root>/text8-sample/text8_sample``
+    (a text8-format sample), else download and unzip ``text8.zip`` into ``<root>/text8/``.
+
+    Returns:
+        (path, label) with label ``"text8"`` or ``"text8-format sample"``.
+    Raises:
+        FileNotFoundError: neither file exists and the download failed or was not allowed; the message
+            names both paths and ``IFUTILS_DATA_DIR``.
+        ValueError: ``text8/text8`` is not 100,000,000 bytes, or the download is corrupt (it is deleted).
+    """
+    folder = data_dir(root)
+    full, sample = folder / "text8" / "text8", folder / "text8-sample" / "text8_sample"
+    error = ""
+    if not full.is_file() and not sample.is_file() and allow_download:
+        try:
+            extract_text8(download(url, full.with_name("text8.zip"), size=TEXT8_ZIP_SIZE), full)
+        except (OSError, urllib.error.URLError) as err:
+            error = f" Download failed: {err}"
+    if full.is_file():
+        if full.stat().st_size != TEXT8_SIZE:
+            raise ValueError(
+                f"{full} has {full.stat().st_size:,} bytes, but text8 has {TEXT8_SIZE:,}: it is truncated or "
+                f"another file. Delete it to download text8, or move a text8-format sample to {sample}."
+            )
+        return full, "text8"
+    if sample.is_file():
+        return sample, "text8-format sample"
+    raise FileNotFoundError(
+        f"text8 not found: neither {full} nor {sample} exists. Set {DATA_ENV} to a directory holding "
+        f"text8/text8 (or text8-sample/text8_sample), or run online so text8.zip can be downloaded.{error}"
+    )
+
+
+def extract_text8(zip_path: Path, dest: Path, size: int = TEXT8_SIZE) -> Path:
+    """Unzip the member ``text8`` of ``zip_path`` to ``dest`` (via a temporary file) and check its size.
+
+    Raises:
+        ValueError: the zip is corrupt or truncated, lacks ``text8``, or the member is not ``size``
+            bytes; the zip is deleted so it is never used.
+    """
+    tmp = dest.with_name(dest.name + ".tmp")
+    try:
+        with zipfile.ZipFile(zip_path) as archive, archive.open("text8") as src, open(tmp, "wb") as out:
+            for block in iter(lambda: src.read(1 << 22), b""):
+                out.write(block)
+        if tmp.stat().st_size != size:
+            raise ValueError(f"unzipped text8 has {tmp.stat().st_size:,} bytes, expected {size:,}")
+        os.replace(tmp, dest)
+    except (zipfile.BadZipFile, KeyError, EOFError, ValueError, OSError) as err:
+        zip_path.unlink(missing_ok=True)
+        raise ValueError(f"{zip_path} is corrupt or truncated ({err}); it was deleted. Download it again.") from err
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def _check_text8(chunk: bytes, offset: int, path: Path) -> None:
+    """Raise ValueError naming the first byte of ``chunk`` that breaks the text8 format."""
+    bad = chunk.translate(None, TEXT8_CHARS)
+    where = min(chunk.index(bytes([b])) for b in set(bad)) if bad else chunk.find(b"  ")
+    if where >= 0:
+        what = f"character {chunk[where:where + 1]!r}" if bad else "a double space"
+        raise ValueError(
+            f"{path} is not in text8 format: byte {offset + where:,} (line 1, column {offset + where + 1:,}) "
+            f"is {what}; text8 holds only lowercase a-z words separated by single spaces, on one line."
+        )
+
+
+def _text8_words(path: Path, start: int, stop: int, desc: str, block: int = 1 << 22):
+    """Yield lists of words from bytes [start, stop) of a text8-format file, in blocks of ``block``
+    bytes (memory stays bounded), checking the format; a word spanning blocks is kept whole."""
+    with open(path, "rb") as f, tqdm(total=stop - start, unit="B", unit_scale=True, desc=desc, leave=False) as bar:
+        f.seek(start)
+        carry, pos = b"", start
+        while pos < stop:
+            chunk = f.read(min(block, stop - pos))
+            _check_text8(chunk, pos, path)
+            pos += len(chunk)
+            bar.update(len(chunk))
+            data = carry + chunk
+            cut = data.rfind(b" ") + 1 if pos < stop else len(data)
+            carry = data[cut:]
+            yield data[:cut].decode("ascii").split()
+
+
+def read_text8(
+    path: Path, label: str = "text8-format sample", vocab: Vocabulary | None = None, vocab_size: int = 10_000,
+    window: int = 35,
+) -> Corpus:
+    """Stream a text8-format file into a :class:`Corpus` of ``window``-word samples.
+
+    Splits by characters at 90% and 95% of the file (module docstring); the vocabulary (unless given)
+    is the top ``vocab_size`` of the train split including ``<eos>`` and ``<unk>``. Two streaming passes
+    (count, encode) keep memory at the int32 ids plus one block. Windows do not overlap; the last
+    incomplete window of each split is dropped.
+
+    Raises:
+        ValueError: the file breaks the text8 format (the message names the byte), or ``window < 1``.
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1 word, got {window}")
+    size = path.stat().st_size
+    bounds = [0, int(size * TEXT8_SPLIT[0]), int(size * TEXT8_SPLIT[1]), size]
+    if vocab is None:
+        counts: Counter[str] = Counter()
+        for words in _text8_words(path, bounds[0], bounds[1], "text8 vocabulary"):
+            counts.update(words)
+        counts[UNK] += 0  # always present: validation and test have words the train split lacks
+        vocab = Vocabulary.from_counts(counts, vocab_size)
+    unk = vocab.stoi.get(UNK, -1)  # -1 marks words a vocabulary without <unk> cannot encode
+    splits = {}
+    for split, start, stop in zip(SPLITS, bounds[:-1], bounds[1:]):
+        ids = np.concatenate([np.zeros(0, np.int32)] + [
+            np.fromiter((vocab.stoi.get(w, unk) for w in words), np.int32, len(words))
+            for words in _text8_words(path, start, stop, f"text8 {split}")
+        ])
+        if (ids < 0).any():
+            raise ValueError(f"{path}: the {split} split has words outside the vocabulary, which has no {UNK!r}")
+        usable = len(ids) // window * window
+        splits[split] = list(torch.from_numpy(ids[:usable].astype(np.int64)).view(-1, window).unbind(0))
+    return Corpus(label, vocab, splits)
 
 
 def make_batch(sentences: list[torch.Tensor], eos_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ for every evaluation, so every derivative below is exact with respect to those c
 from __future__ import annotations
 
 import copy
+import os
 
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import torch
 from torch.func import grad, vmap
 from tqdm.auto import tqdm
 
+from .cache import ChunkCache, derive_seed
 from .data import bucket_batches, make_batch
 from .model import LSTMLM, sentence_loss
 
@@ -161,35 +163,50 @@ def per_sample_grads(
     loss: SubsetLoss,
     sentences: list[torch.Tensor],
     chunk_size: int = 32,
-    sampled_labels: torch.Generator | None = None,
+    sampled_labels: int | None = None,
     desc: str | None = "per-sample gradients",
     theta: torch.Tensor | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> torch.Tensor:
     """Gradient of each sample's loss l_i (mean token NLL, nats) with respect to theta_S.
 
-    g_i = d l_i / d theta_S at ``theta`` (default ``loss.theta0``), computed by ``vmap(grad(.))`` over length-bucketed
-    chunks; padding never enters (see :func:`ifutils.model.sentence_loss`).
+    g_i = d l_i / d theta_S at ``theta`` (default ``loss.theta0``), computed by ``vmap(grad(.))`` over
+    length-bucketed chunks; padding never enters (see :func:`ifutils.model.sentence_loss`).
 
     Args:
         loss: the subset loss.
-        sentences: n 1-D int64 tensors ending in ``<eos>``.
+        sentences: n 1-D int64 tensors (sentences ending in ``<eos>``, or text8 windows).
         chunk_size: sentences per vectorised chunk (memory grows linearly with it).
-        sampled_labels: if given, replace each target by a label drawn from the model's own
-            softmax with this generator (for the true Fisher); otherwise use the real targets.
+        sampled_labels: a seed; if given, each target is replaced by a label drawn from the model's own
+            softmax (for the true Fisher), chunk j with a generator seeded by (seed, j).
         theta: (p,) point of evaluation; default the trained values.
+        cache_dir: if given, each chunk is stored there under a key of everything it depends on
+            (:class:`~ifutils.cache.ChunkCache`), and a rerun after a kill loads finished chunks.
     Returns:
-        (n, p) tensor in ``loss``'s dtype and device, row i for ``sentences[i]``.
+        (n, p) tensor in ``loss``'s dtype and device, row i for ``sentences[i]``; identical bit for bit
+        whether chunks were computed now or loaded.
     Raises:
         FloatingPointError: a gradient is NaN or infinite; the message lists the sample indices.
     """
     theta = loss.theta0 if theta is None else theta
     out = theta.new_empty(len(sentences), len(theta))
     one = vmap(grad(loss.loss), in_dims=(None, 0, 0, 0))
-    for idx, inputs, targets, mask in loss.batches(sentences, chunk_size, desc):
-        if sampled_labels is not None:
-            with torch.no_grad():
-                targets = sample_labels(loss.logits(theta, inputs), sampled_labels)
-        out[idx] = one(theta, inputs, targets, mask)
+    cache = None if cache_dir is None else ChunkCache(
+        cache_dir, {"stage": "per-sample gradients", "chunk_size": chunk_size, "sampled_labels": sampled_labels,
+                    "subset": loss.subset.to_dict()},
+        loss.base, loss.subset.indices, theta, sentences,
+    )
+    for j, (idx, inputs, targets, mask) in enumerate(loss.batches(sentences, chunk_size, desc)):
+        grads = cache.get(f"chunk{j}") if cache else None
+        if grads is None:
+            if sampled_labels is not None:
+                with torch.no_grad():
+                    generator = torch.Generator().manual_seed(derive_seed(sampled_labels, j))
+                    targets = sample_labels(loss.logits(theta, inputs), generator)
+            grads = one(theta, inputs, targets, mask)
+            if cache:
+                cache.put(f"chunk{j}", grads.cpu())
+        out[idx] = grads.to(out)
     bad = (~torch.isfinite(out).all(dim=1)).nonzero().flatten().tolist()
     if bad:
         raise FloatingPointError(f"non-finite per-sample gradients for samples {bad[:20]} (of {len(bad)})")

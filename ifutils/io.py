@@ -12,8 +12,25 @@ from typing import Any, Callable
 
 import torch
 
-from .data import Vocabulary
+from .data import PROJECT_ROOT, Vocabulary, data_dir
 from .model import LSTMLM, ModelConfig
+
+
+def project_path(path: str | os.PathLike) -> Path:
+    """Resolve a path given as a parameter (relative ones against the project root) and check that it
+    stays inside the project or the data directory, so a parameter cannot write or read elsewhere.
+
+    Raises:
+        ValueError: the resolved path is outside both (the message names it and the two roots).
+    """
+    resolved = (PROJECT_ROOT / Path(path).expanduser()).resolve()
+    roots = (PROJECT_ROOT, data_dir())
+    if not any(resolved.is_relative_to(root) for root in roots):
+        raise ValueError(
+            f"path {str(path)!r} resolves to {resolved}, outside the project ({roots[0]}) and the data "
+            f"directory ({roots[1]}); give a path inside one of them"
+        )
+    return resolved
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .config import validate_fields
+
 
 @dataclass
 class ModelConfig:
@@ -31,6 +33,9 @@ class ModelConfig:
     hidden: int = 256
     num_layers: int = 1
     dropout: float = 0.25
+
+    def __post_init__(self):
+        validate_fields(self)
 
     def to_dict(self) -> dict:
         return asdict(self)

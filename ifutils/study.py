@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .config import validate_fields
 from .curvature import (
     Curvature,
     IdentityCurvature,
@@ -17,7 +18,7 @@ from .curvature import (
 )
 from .data import Corpus
 from .evaluate import agreement
-from .grads import SubsetLoss, per_sample_grads
+from .grads import SubsetLoss
 from .influence import influence, relative_damping
 
 REFERENCE = "Hessian"
@@ -56,6 +57,9 @@ class InfluenceConfig:
     seed: int = 0
     dtype: str = "float32"
     chunk_size: int = 32
+
+    def __post_init__(self):
+        validate_fields(self)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,23 +100,24 @@ def choose_samples(corpus: Corpus, config: InfluenceConfig) -> dict[str, list[to
 
 def build_curvatures(
     loss: SubsetLoss, sentences: list[torch.Tensor], train_grads_h: torch.Tensor, config: InfluenceConfig,
-    timer: StageTimer,
+    timer: StageTimer, cache_dir: str | None = None,
 ) -> dict[str, Curvature]:
     """Every curvature of the comparison, all from the same n_H sentences.
 
     Args:
         train_grads_h: (n_H, p) per-sample gradients of those sentences (reused by the EF).
+        cache_dir: where the long stages save their chunks, so that a killed run resumes.
     Returns:
         name -> Curvature: Hessian, GGN (true Fisher, closed form), true Fisher (MC) and its
         diagonal, EF and its diagonal, identity.
     """
     with timer("curvature: Hessian + GGN"):
-        hess, ggn = hessian_and_ggn(loss, sentences)
+        hess, ggn = hessian_and_ggn(loss, sentences, cache_dir=cache_dir)
     with timer("curvature: EF"):
         lengths = torch.tensor([len(s) for s in sentences], device=train_grads_h.device)
         ef = empirical_fisher(train_grads_h, lengths)
     with timer("curvature: true Fisher (MC)"):
-        mc = mc_true_fisher(loss, sentences, config.mc_samples, config.seed, config.chunk_size)
+        mc = mc_true_fisher(loss, sentences, config.mc_samples, config.seed, config.chunk_size, cache_dir)
     curvatures = [hess, ggn, mc, mc.diagonal(), ef, ef.diagonal(), IdentityCurvature(hess.p)]
     return {c.name: c for c in curvatures}
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .config import validate_fields
 from .data import Corpus, bucket_batches, make_batch
 from .io import load_checkpoint, save_checkpoint
 from .model import LSTMLM, ModelConfig, sentence_loss, token_nll
@@ -35,6 +36,9 @@ class TrainConfig:
     clip: float = 1.0
     seed: int = 0
     max_train_sentences: int | None = None
+
+    def __post_init__(self):
+        validate_fields(self)
 
 
 @torch.no_grad()

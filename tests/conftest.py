@@ -1,5 +1,9 @@
 """Shared fixtures: a tiny float64 LSTM LM and random sentences, seeded."""
 
+import http.server
+import threading
+from functools import partial
+
 import pytest
 import torch
 
@@ -47,3 +51,18 @@ def sentences():
 def subset_loss(model: LSTMLM, kind: str, seed: int = 1) -> SubsetLoss:
     names, k = SUBSETS[kind]
     return SubsetLoss(model, select_subset(model, names, k, seed=seed), EOS, torch.float64)
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """A local HTTP server on 127.0.0.1 serving tmp_path/served; yields (folder, base url)."""
+    root = tmp_path / "served"
+    root.mkdir()
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()

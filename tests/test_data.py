@@ -1,8 +1,5 @@
 import hashlib
-import http.server
 import shutil
-import threading
-from functools import partial
 
 import pytest
 import torch
@@ -64,21 +61,6 @@ def test_file_with_wrong_checksum_is_refused(tmp_path):
         f.truncate(1000)
     with pytest.raises(ValueError, match="ptb.valid.txt has md5"):
         ptb_files(tmp_path, allow_download=False)
-
-
-@pytest.fixture
-def http_root(tmp_path):
-    """A local HTTP server on 127.0.0.1 serving tmp_path/served."""
-    root = tmp_path / "served"
-    root.mkdir()
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    server.server_close()
 
 
 def test_download_from_local_server_good_and_corrupt(http_root, tmp_path):

@@ -49,10 +49,11 @@ def test_bad_subsets_are_named(model, names, k, error, text):
 
 def test_sampled_labels_are_seeded(model, sentences):
     loss = subset_loss(model, "recurrent")
-    a = per_sample_grads(loss, sentences, sampled_labels=torch.Generator().manual_seed(5), desc=None)
-    b = per_sample_grads(loss, sentences, sampled_labels=torch.Generator().manual_seed(5), desc=None)
+    a = per_sample_grads(loss, sentences, chunk_size=4, sampled_labels=5, desc=None)
+    b = per_sample_grads(loss, sentences, chunk_size=4, sampled_labels=5, desc=None)
+    c = per_sample_grads(loss, sentences, chunk_size=4, sampled_labels=6, desc=None)
     real = per_sample_grads(loss, sentences, desc=None)
-    assert torch.equal(a, b) and not torch.allclose(a, real)
+    assert torch.equal(a, b) and not torch.allclose(a, c) and not torch.allclose(a, real)
 
 
 def test_non_finite_gradients_name_the_samples(model, sentences):

@@ -1,4 +1,5 @@
-"""Both notebooks, executed headless with papermill in a smoke configuration (real PTB files)."""
+"""Both notebooks, executed headless with papermill in a smoke configuration, on PTB and on the
+text8-format sample (a single parameter change)."""
 
 import json
 
@@ -6,31 +7,33 @@ import papermill
 import pytest
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+LABELS = {"ptb": "ptb", "text8": "text8-format sample"}
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("smoke")
-    common = {"figures_dir": str(out / "figures"), "results_file": str(out / "results.json"), "device": "cpu"}
-    checkpoint = str(out / "lstm.pt")
+@pytest.fixture(scope="module", params=list(LABELS))
+def smoke_run(request, tmp_path_factory):
+    dataset = request.param
+    out = tmp_path_factory.mktemp(f"smoke_{dataset}")
+    common = {"dataset": dataset, "figures_dir": str(out / "figures"), "results_file": str(out / "results.json"),
+              "checkpoint": str(out / "lstm.pt"), "device": "cpu"}
     papermill.execute_notebook(
         "train_lstm_penn_treebank.ipynb", str(out / "train.ipynb"), progress_bar=False,
-        parameters={**common, "checkpoint": checkpoint, "emb_dim": 16, "hidden": 16, "epochs": 1,
-                    "max_train_sentences": 400},
+        parameters={**common, "emb_dim": 16, "hidden": 16, "epochs": 1, "max_train_sentences": 400},
     )
     papermill.execute_notebook(
         "fisher_if.ipynb", str(out / "fisher.ipynb"), progress_bar=False,
-        parameters={**common, "checkpoint": checkpoint, "num_coords": 24, "n_hessian": 30, "n_train": 60,
-                    "n_test": 3, "mc_samples": 2},
+        parameters={**common, "num_coords": 24, "n_hessian": 30, "n_train": 60, "n_test": 3, "mc_samples": 2},
     )
-    return out
+    return dataset, out
 
 
 def test_notebooks_write_figures_and_results(smoke_run):
-    figures = sorted(p.name for p in (smoke_run / "figures").iterdir())
-    assert figures == ["ptb_correlation_vs_damping.png", "ptb_scatter.png", "ptb_spectra.png", "ptb_training.png"]
-    results = json.loads((smoke_run / "results.json").read_text())
+    dataset, out = smoke_run
+    figures = sorted(p.name for p in (out / "figures").iterdir())
+    assert figures == [f"{dataset}_{name}.png" for name in ("correlation_vs_damping", "scatter", "spectra", "training")]
+    results = json.loads((out / "results.json").read_text())
     assert results["training"]["valid_ppl"] > 1
+    assert results["training"]["data_label"] == results["influence"]["data_label"] == LABELS[dataset]
     inf = results["influence"]
     assert (inf["p"], inf["n_hessian"], inf["n_train"], inf["n_test"]) == (24, 30, 60, 3)
     curvatures = {r["curvature"] for r in inf["agreement"]}
@@ -40,3 +43,10 @@ def test_notebooks_write_figures_and_results(smoke_run):
     assert all(r["spearman"] > 0.999 for r in inf["agreement"] if r["curvature"] == "Hessian")
     assert set(inf["dampings"]) == {"absolute", "relative_alphas"}
     assert "curvature: Hessian + GGN" in inf["seconds"] and "Hessian" in inf["spectra"]
+
+
+def test_figures_are_labelled_with_the_data(smoke_run):
+    dataset, out = smoke_run
+    executed = json.loads((out / "fisher.ipynb").read_text())
+    text = json.dumps(executed["cells"])
+    assert LABELS[dataset] in text

@@ -28,22 +28,6 @@ def test_training_lowers_perplexity_and_checkpoint_round_trips(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_resumed_training_equals_uninterrupted(tmp_path):
-    corpus = toy_corpus()
-    cfg = ModelConfig(12, 8, 8, dropout=0.2)
-    full, _ = train_language_model(corpus, cfg, TrainConfig(epochs=3, batch_size=8), tmp_path / "a.pt")
-    # a run stopped after its first epoch leaves a 1-epoch checkpoint; resume it to 3 epochs
-    one = TrainConfig(epochs=1, batch_size=8)
-    train_language_model(corpus, cfg, one, tmp_path / "c.pt")
-    payload = torch.load(tmp_path / "c.pt", weights_only=True)
-    payload["train_config"]["epochs"] = 3
-    torch.save(payload, tmp_path / "c.pt")
-    resumed, history = train_language_model(corpus, cfg, TrainConfig(epochs=3, batch_size=8), tmp_path / "c.pt")
-    assert len(history) == 3
-    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
-        assert torch.equal(a, b)
-
-
 def test_checkpoint_from_other_configuration_is_refused(tmp_path):
     corpus = toy_corpus()
     train_language_model(corpus, ModelConfig(12, 8, 8), TrainConfig(epochs=1, batch_size=8), tmp_path / "a.pt")
@@ -76,3 +60,35 @@ def test_pickle_checkpoint_does_not_execute_code(tmp_path):
     with pytest.raises(ValueError, match="weights-only"):
         load_checkpoint(tmp_path / "evil.pt")
     assert not marker.exists()
+
+
+def test_training_killed_between_epochs_resumes_to_the_same_weights(tmp_path):
+    """A subprocess is killed with SIGKILL right after its first epoch's checkpoint; resuming it gives
+    the weights of an uninterrupted run, bit for bit."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import ifutils.train as train
+from tests.test_train import toy_corpus
+from ifutils.model import ModelConfig
+real = train.save_checkpoint
+def save_then_die(*args, **kwargs):
+    real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+train.save_checkpoint = save_then_die
+train.train_language_model(toy_corpus(), ModelConfig(12, 8, 8, dropout=0.2), train.TrainConfig(epochs=3, batch_size=8),
+                           {str(tmp_path / 'killed.pt')!r})
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    assert len(torch.load(tmp_path / "killed.pt", weights_only=True)["history"]) == 1
+    cfg, train_cfg = ModelConfig(12, 8, 8, dropout=0.2), TrainConfig(epochs=3, batch_size=8)
+    resumed, _ = train_language_model(toy_corpus(), cfg, train_cfg, tmp_path / "killed.pt")
+    full, _ = train_language_model(toy_corpus(), cfg, train_cfg, tmp_path / "full.pt")
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)

@@ -1,0 +1,85 @@
+"""Bad input gets an error that names what is wrong (the other cases live beside their modules:
+test_data, test_text8, test_grads, test_curvature, test_train)."""
+
+import pytest
+import torch
+
+from ifutils.curvature import DenseCurvature, check_dense_fits, empirical_fisher
+from ifutils.data import Corpus, Vocabulary, ptb_files
+from ifutils.io import load_checkpoint, save_checkpoint
+from ifutils.model import ModelConfig
+from ifutils.study import InfluenceConfig, choose_samples
+from ifutils.train import TrainConfig
+
+from .conftest import random_sentences, tiny_model
+
+
+def small_corpus():
+    vocab = Vocabulary(["<eos>"] + [f"w{i}" for i in range(1, 13)])
+    return Corpus("toy", vocab, {s: random_sentences(10, 13, seed=i) for i, s in enumerate(("train", "valid", "test"))})
+
+
+@pytest.mark.parametrize("field, value", [("n_train", 11), ("n_test", 11), ("n_hessian", 11), ("n_train", 0)])
+def test_counts_larger_than_the_split_are_named(field, value):
+    config = InfluenceConfig(**{"n_train": 10, "n_test": 5, "n_hessian": 5, field: value})
+    with pytest.raises(ValueError, match=f"{field}={value}"):
+        choose_samples(small_corpus(), config)
+
+
+def test_hessian_sentences_must_be_scored_training_sentences():
+    with pytest.raises(ValueError, match="n_hessian=8 must not exceed n_train=6"):
+        choose_samples(small_corpus(), InfluenceConfig(n_train=6, n_test=2, n_hessian=8))
+
+
+@pytest.mark.parametrize("cls, kwargs, field", [
+    (InfluenceConfig, {"num_coords": "512"}, "num_coords"),
+    (InfluenceConfig, {"absolute_dampings": (1e-3, "big")}, "absolute_dampings"),
+    (TrainConfig, {"epochs": 2.5}, "epochs"),
+    (TrainConfig, {"max_train_sentences": "all"}, "max_train_sentences"),
+    (ModelConfig, {"vocab_size": 10, "dropout": "0.1"}, "dropout"),
+])
+def test_parameters_of_the_wrong_type_are_named(cls, kwargs, field):
+    with pytest.raises(TypeError, match=f"{cls.__name__}.{field} must be"):
+        cls(**kwargs)
+
+
+def test_dense_matrix_too_large_is_refused_before_allocation():
+    with pytest.raises(MemoryError, match="p=3,000,000 .*GiB .* available .*lower num_coords"):
+        check_dense_fits(3_000_000)
+    grads = torch.zeros(1, 400_000)  # the 400,000^2 EF would need 1.2 TB
+    with pytest.raises(MemoryError, match="p=400,000"):
+        empirical_fisher(grads, torch.ones(1))
+
+
+def test_indefinite_solve_warns_with_smallest_eigenvalue():
+    c = DenseCurvature(torch.diag(torch.tensor([-2.0, 1.0, 3.0], dtype=torch.float64)), "H")
+    with pytest.warns(UserWarning, match="smallest eigenvalue of H -2"):
+        x = c.solve(torch.ones(3, dtype=torch.float64), 0.5)
+    torch.testing.assert_close(x, 1 / torch.tensor([-1.5, 1.5, 3.5], dtype=torch.float64))
+
+
+def test_checkpoint_with_mismatched_vocabulary_is_named(tmp_path):
+    model = tiny_model()
+    save_checkpoint(tmp_path / "ck.pt", model, Vocabulary(["<eos>", "a", "b"]))
+    with pytest.raises(ValueError, match="vocabulary has 3 words but the model 13"):
+        load_checkpoint(tmp_path / "ck.pt")
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_empty_data_file_is_named(tmp_path):
+    (tmp_path / "ptb").mkdir()
+    for split in ("train", "valid", "test"):
+        (tmp_path / "ptb" / f"ptb.{split}.txt").write_text("")
+    with pytest.raises(ValueError, match="ptb.train.txt has md5"):
+        ptb_files(tmp_path, allow_download=False)
+
+
+def test_paths_from_parameters_stay_inside_the_project():
+    from ifutils.io import project_path
+    from ifutils.data import PROJECT_ROOT
+
+    assert project_path("figures") == PROJECT_ROOT / "figures"
+    for bad in ("../../etc/passwd", "/etc/passwd", "figures/../../outside"):
+        with pytest.raises(ValueError, match="outside the project"):
+            project_path(bad)

@@ -1,0 +1,89 @@
+"""Fault injection: a computation killed with SIGKILL mid-write resumes from its cache to the same bits."""
+
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from ifutils.curvature import hessian_and_ggn, mc_true_fisher
+from ifutils.grads import per_sample_grads
+
+from .conftest import random_sentences, subset_loss, tiny_model
+
+SETUP = """
+import os, signal, sys, torch
+import ifutils.cache
+sys.path.insert(0, {root!r})
+from tests.conftest import random_sentences, subset_loss, tiny_model
+from ifutils.grads import per_sample_grads
+from ifutils.curvature import hessian_and_ggn
+calls = [0]
+real_save = torch.save
+def dying_save(obj, path):
+    calls[0] += 1
+    if calls[0] == {kill_at}:  # half-write this file, then die without cleaning up
+        real_save(obj, path)
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_save(obj, path)
+ifutils.cache.torch.save = dying_save
+loss = subset_loss(tiny_model(), "recurrent")
+sentences = random_sentences(24, 13, seed=7)
+"""
+
+
+def run_killed(tmp_path, code: str, kill_at: int) -> None:
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    script = SETUP.format(root=root, kill_at=kill_at) + textwrap.dedent(code)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr  # killed by SIGKILL, as intended
+
+
+def cache_files(tmp_path):
+    return sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file())
+
+
+def test_per_sample_gradients_resume_after_sigkill(tmp_path):
+    run_killed(tmp_path, "per_sample_grads(loss, sentences, chunk_size=3, sampled_labels=5, cache_dir='cache')", 4)
+    files = cache_files(tmp_path)
+    # chunks 0-2 are complete; chunk 3 died mid-write and exists only as a temporary file
+    assert {"meta.json", "chunk0.pt", "chunk1.pt", "chunk2.pt"} <= set(files) and "chunk3.pt" not in files
+    assert any(f.endswith(".tmp") for f in files)
+    loss = subset_loss(tiny_model(), "recurrent")
+    sentences = random_sentences(24, 13, seed=7)
+    resumed = per_sample_grads(loss, sentences, 3, sampled_labels=5, cache_dir=tmp_path / "cache", desc=None)
+    fresh = per_sample_grads(loss, sentences, 3, sampled_labels=5, desc=None)
+    assert torch.equal(resumed, fresh)
+
+
+def test_hessian_resumes_after_sigkill(tmp_path):
+    run_killed(tmp_path, "hessian_and_ggn(loss, sentences, chunk_size=4, cache_dir='cache')", 4)
+    loss = subset_loss(tiny_model(), "recurrent")
+    sentences = random_sentences(24, 13, seed=7)
+    progress = torch.load(next((tmp_path / "cache").rglob("progress.pt")), weights_only=True)
+    assert progress["chunks"] == 3  # the fourth write was cut short; the previous complete one stands
+    hess, ggn = hessian_and_ggn(loss, sentences, chunk_size=4, cache_dir=tmp_path / "cache")
+    ref_h, ref_g = hessian_and_ggn(loss, sentences, chunk_size=4)
+    assert torch.equal(hess.matrix, ref_h.matrix) and torch.equal(ggn.matrix, ref_g.matrix)
+
+
+def test_cache_of_another_configuration_is_not_reused(tmp_path):
+    loss = subset_loss(tiny_model(), "recurrent")
+    sentences = random_sentences(10, 13, seed=7)
+    per_sample_grads(loss, sentences, 4, cache_dir=tmp_path, desc=None)
+    other = subset_loss(tiny_model(seed=1), "recurrent")  # another checkpoint
+    got = per_sample_grads(other, sentences, 4, cache_dir=tmp_path, desc=None)
+    assert torch.equal(got, per_sample_grads(other, sentences, 4, desc=None))
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2  # two keys, nothing shared
+
+
+def test_monte_carlo_fisher_is_bitwise_deterministic():
+    loss = subset_loss(tiny_model(), "mixed")
+    sentences = random_sentences(12, 13, seed=7)
+    a = mc_true_fisher(loss, sentences, 3, seed=11, chunk_size=5).matrix
+    b = mc_true_fisher(loss, sentences, 3, seed=11, chunk_size=5).matrix
+    assert torch.equal(a, b)

@@ -99,12 +99,18 @@ class SubsetLoss:
         subset: the coordinates theta_S.
         eos_id: id used to start sentences and pad batches.
         dtype: float dtype of every computation (float64 for tests and exact checks).
+        max_len: longest sample accepted, in tokens. The unrolled LSTM and the Hessian pass hold
+            O(T * H * p) numbers per sample, so a runaway line (a file without line breaks) is refused
+            rather than exhausting memory. PTB's longest sentence has 83 tokens, text8 windows 35.
     Attributes:
         theta0: (p,) the trained values of the subset coordinates.
         indices: name -> flat indices into that tensor, on the model's device.
     """
 
-    def __init__(self, model: LSTMLM, subset: ParamSubset, eos_id: int, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, model: LSTMLM, subset: ParamSubset, eos_id: int, dtype: torch.dtype = torch.float32, max_len: int = 400
+    ):
+        self.max_len = max_len
         self.model = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
         self.subset = subset
         self.eos_id = eos_id
@@ -144,8 +150,19 @@ class SubsetLoss:
         return sentence_loss(self.logits(theta, inputs), targets, mask)
 
     def batches(self, sentences: list[torch.Tensor], chunk_size: int, desc: str | None = None):
-        """Yield (indices, inputs, targets, mask) for length-bucketed chunks of ``sentences``, on device."""
-        chunks = bucket_batches([len(s) for s in sentences], chunk_size)
+        """Yield (indices, inputs, targets, mask) for length-bucketed chunks of ``sentences``, on device.
+
+        Raises:
+            ValueError: a sample is empty or longer than ``max_len`` (the message names it).
+        """
+        lengths = [len(s) for s in sentences]
+        bad = [i for i, n in enumerate(lengths) if not 1 <= n <= self.max_len]
+        if bad:
+            raise ValueError(
+                f"sample {bad[0]} has {lengths[bad[0]]} tokens ({len(bad)} samples outside 1..max_len={self.max_len}); "
+                f"drop empty samples, split long ones, or raise SubsetLoss(max_len=...)"
+            )
+        chunks = bucket_batches(lengths, chunk_size)
         for idx in tqdm(chunks, desc=desc, leave=False, disable=desc is None):
             batch = make_batch([sentences[i] for i in idx], self.eos_id)
             yield (idx, *(t.to(self.device) for t in batch))

@@ -83,3 +83,17 @@ def test_paths_from_parameters_stay_inside_the_project():
     for bad in ("../../etc/passwd", "/etc/passwd", "figures/../../outside"):
         with pytest.raises(ValueError, match="outside the project"):
             project_path(bad)
+
+
+@pytest.mark.parametrize("length, text", [(0, "sample 2 has 0 tokens"), (50, "sample 2 has 50 tokens")])
+def test_empty_or_too_long_samples_are_named(length, text):
+    from ifutils.grads import per_sample_grads
+
+    from .conftest import subset_loss
+
+    loss = subset_loss(tiny_model(), "recurrent")
+    loss.max_len = 40
+    sentences = random_sentences(4, 13)
+    sentences[2] = torch.ones(length, dtype=torch.long)
+    with pytest.raises(ValueError, match=text):
+        per_sample_grads(loss, sentences, desc=None)

@@ -8,6 +8,7 @@ import torch
 
 from ifutils.curvature import hessian_and_ggn, mc_true_fisher
 from ifutils.grads import per_sample_grads
+from ifutils.influence import influence
 
 from .conftest import random_sentences, subset_loss, tiny_model
 
@@ -17,6 +18,7 @@ import ifutils.cache
 sys.path.insert(0, {root!r})
 from tests.conftest import random_sentences, subset_loss, tiny_model
 from ifutils.grads import per_sample_grads
+from ifutils.influence import influence
 from ifutils.curvature import hessian_and_ggn
 calls = [0]
 real_save = torch.save
@@ -81,9 +83,13 @@ def test_cache_of_another_configuration_is_not_reused(tmp_path):
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2  # two keys, nothing shared
 
 
-def test_monte_carlo_fisher_is_bitwise_deterministic():
-    loss = subset_loss(tiny_model(), "mixed")
-    sentences = random_sentences(12, 13, seed=7)
-    a = mc_true_fisher(loss, sentences, 3, seed=11, chunk_size=5).matrix
-    b = mc_true_fisher(loss, sentences, 3, seed=11, chunk_size=5).matrix
-    assert torch.equal(a, b)
+def test_scoring_with_monte_carlo_fisher_is_bitwise_deterministic():
+    def score():
+        loss = subset_loss(tiny_model(), "mixed")
+        train, test = random_sentences(12, 13, seed=7), random_sentences(3, 13, seed=8)
+        fisher = mc_true_fisher(loss, train, 3, seed=11, chunk_size=5)
+        g_train = per_sample_grads(loss, train, 5, desc=None)
+        return fisher.matrix, influence(g_train, per_sample_grads(loss, test, 5, desc=None), fisher, 1e-3)
+
+    (f1, s1), (f2, s2) = score(), score()
+    assert torch.equal(f1, f2) and torch.equal(s1, s2)

@@ -209,15 +209,17 @@ class Vocabulary:
 
 @dataclass
 class Corpus:
-    """Tokenised splits. ``splits[name]`` is a list of 1-D int64 tensors, one per sentence,
-    each ending in ``<eos>``; ``name`` labels the data in figures and results."""
+    """Tokenised splits. ``splits[name]`` is a list of 1-D int64 tensors, one per sample: a PTB sentence
+    ending in ``<eos>``, or a text8 window of ``window`` words. ``name`` labels the data in figures and
+    results (``"ptb"``, ``"text8"`` or ``"text8-format sample"``)."""
 
     name: str
     vocab: Vocabulary
     splits: dict[str, list[torch.Tensor]]
+    window: int | None = None
 
     def num_tokens(self, split: str) -> int:
-        """Number of predicted tokens in a split (words + one ``<eos>`` per sentence)."""
+        """Number of predicted tokens in a split (for PTB, words + one ``<eos>`` per sentence)."""
         return sum(len(s) for s in self.splits[split])
 
 
@@ -385,13 +387,13 @@ def read_text8(
             raise ValueError(f"{path}: the {split} split has words outside the vocabulary, which has no {UNK!r}")
         usable = len(ids) // window * window
         splits[split] = list(torch.from_numpy(ids[:usable].astype(np.int64)).view(-1, window).unbind(0))
-    return Corpus(label, vocab, splits)
+    return Corpus(label, vocab, splits, window)
 
 
 def make_batch(sentences: list[torch.Tensor], eos_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded inputs, targets and mask for a list of sentences.
 
-    Each sentence ``s`` of length ``T`` (ids ending in ``<eos>``) becomes
+    Each sample ``s`` of length ``T`` (a sentence ending in ``<eos>``, or a text8 window) becomes
     input ``[<eos>, s[:-1]]`` and target ``s``. Padding is at the end, so with a causal model
     and zero initial state the outputs at real positions do not depend on it.
 

@@ -25,8 +25,15 @@ def influence(train_grads: torch.Tensor, test_grads: torch.Tensor, curvature: Cu
     Returns:
         (n_train, n_test) float64 tensor on the gradients' device.
     Raises:
-        ValueError: mismatched p, ``damping < 0``, or a singular damped curvature.
+        ValueError: gradients not 2-D, mismatched p, ``damping < 0``, or a singular damped curvature.
+        FloatingPointError: NaN or Inf in the gradients (the message names the rows).
     """
+    for name, g in (("train_grads", train_grads), ("test_grads", test_grads)):
+        if g.dim() != 2:
+            raise ValueError(f"{name} must be (n, p), got shape {tuple(g.shape)}; use g[None] for one sample")
+        bad = (~torch.isfinite(g).all(dim=1)).nonzero().flatten().tolist()
+        if bad:
+            raise FloatingPointError(f"{name} has NaN/Inf in rows {bad[:20]}")
     if train_grads.shape[1] != test_grads.shape[1]:
         raise ValueError(f"train gradients have p={train_grads.shape[1]}, test gradients p={test_grads.shape[1]}")
     # Solve for the few test gradients, then one product with all training gradients.
@@ -37,8 +44,10 @@ def relative_damping(curvature: Curvature, alpha: float) -> float:
     """Damping alpha * trace(C) / p, the scale-free choice (kronfluence's default uses alpha = 0.1).
 
     Raises:
-        ValueError: the mean eigenvalue is not positive, so no relative scale exists.
+        ValueError: ``alpha < 0``, or the mean eigenvalue is not positive, so no relative scale exists.
     """
+    if not alpha >= 0:
+        raise ValueError(f"relative damping alpha must be >= 0, got {alpha}")
     scale = curvature.mean_eigenvalue()
     if not scale > 0:
         raise ValueError(f"{curvature.name} has mean eigenvalue {scale:g} <= 0; use absolute damping")

@@ -91,6 +91,20 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     return model, vocab, payload
 
 
+def check_corpus(payload: dict, corpus) -> None:
+    """Refuse to score a corpus the checkpoint was not trained on.
+
+    Raises:
+        ValueError: the checkpoint's dataset label or text8 window differs from ``corpus``'s.
+    """
+    trained = (payload.get("dataset"), payload.get("window"))
+    if trained != (corpus.name, corpus.window):
+        raise ValueError(
+            f"the checkpoint was trained on dataset={trained[0]!r} (window={trained[1]}), but the data loaded is "
+            f"{corpus.name!r} (window={corpus.window}); pass the matching dataset/window or checkpoint"
+        )
+
+
 def environment() -> dict:
     """Versions and git commit to store beside results, so each number can be traced."""
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
 import torch
 
@@ -20,13 +21,15 @@ def save(fig: plt.Figure, path: str | os.PathLike) -> plt.Figure:
 def training_curves(history: list[dict], label: str, path: str | os.PathLike) -> plt.Figure:
     """Training loss (nats/token) and validation perplexity per epoch."""
     epochs = [h["epoch"] for h in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.5, 3.2))
     ax1.plot(epochs, [h["train_loss"] for h in history], "o-")
     ax1.set(xlabel="epoch", ylabel="train loss (nats/token)", title=f"{label}: training loss")
     ax2.plot(epochs, [h["valid_ppl"] for h in history], "o-", color="C1")
     ax2.set(xlabel="epoch", ylabel="validation perplexity", title=f"{label}: validation perplexity")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    fig.tight_layout()
     return save(fig, path)
 
 
@@ -57,11 +60,15 @@ def score_scatter(reference: torch.Tensor, scores: dict[str, torch.Tensor], labe
 
 def correlation_vs_damping(rows: list[dict], metric: str, label: str, path: str | os.PathLike) -> plt.Figure:
     """``metric`` (e.g. spearman) of each curvature against the exact Hessian, one panel per damping
-    mode: absolute damping (x = lambda) and relative damping (x = alpha, lambda = alpha * mean eigenvalue)."""
+    mode: absolute damping (x = lambda) and relative damping (x = alpha, lambda = alpha * mean eigenvalue).
+    Grey bands mark dampings where the reference H + lambda I is indefinite."""
     modes = ["absolute", "relative"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
     for ax, mode in zip(axes, modes):
         sel = [r for r in rows if r["mode"] == mode and r["curvature"] != "Hessian"]
+        indefinite = [r["value"] for r in sel if r["reference_indefinite"]]
+        if indefinite:
+            ax.axvspan(min(indefinite), max(indefinite), color="0.85", label="H + lambda I indefinite")
         for name in dict.fromkeys(r["curvature"] for r in sel):
             pts = [(r["value"], r[metric]) for r in sel if r["curvature"] == name]
             ax.plot(*zip(*pts), "o-", label=name, ms=3)
@@ -83,7 +90,7 @@ def spectra(eigenvalues: dict[str, torch.Tensor], label: str, path: str | os.Pat
         ev = ev.double().cpu().numpy()[::-1]
         rank = np.arange(1, len(ev) + 1)
         pos = ev > 0
-        ax.plot(rank[pos], ev[pos], ".", ms=3, color=f"C{k}", label=f"{name} ({(~pos).sum()} <= 0)")
+        ax.plot(rank[pos], ev[pos], ".", ms=3, color=f"C{k}", label=f"{name} ({(~pos).sum()} of {len(ev)} <= 0)")
         if (~pos).any():
             ax.plot(rank[~pos], np.abs(ev[~pos]) + 1e-300, "x", ms=3, color=f"C{k}")
     ax.set_yscale("log")

@@ -37,7 +37,8 @@ class InfluenceConfig:
         mc_samples: k, label draws per position for the Monte Carlo true Fisher.
         absolute_dampings: lambda values shared by all curvatures.
         relative_alphas: alpha values; each curvature C gets lambda = alpha * trace(C) / p.
-        scatter_alpha: relative damping of the scores drawn in the scatter figure.
+        scatter_damping: absolute damping of the scores drawn in the scatter figure (1e-4 is the scale of the
+            default subset's largest Hessian eigenvalues, where the curvatures differ most).
         top_k: size of the helpful/harmful sets compared.
         seed: seeds sample choice, coordinate choice and label draws.
         dtype: ``"float32"`` or ``"float64"`` for gradients and curvature products.
@@ -52,7 +53,7 @@ class InfluenceConfig:
     mc_samples: int = 4
     absolute_dampings: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
     relative_alphas: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
-    scatter_alpha: float = 0.1
+    scatter_damping: float = 1e-4
     top_k: int = 20
     seed: int = 0
     dtype: str = "float32"
@@ -60,6 +61,16 @@ class InfluenceConfig:
 
     def __post_init__(self):
         validate_fields(self)
+        positive = ("num_coords", "n_hessian", "n_train", "n_test", "mc_samples", "top_k", "chunk_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"InfluenceConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.top_k > self.n_train:
+            raise ValueError(f"top_k={self.top_k} must not exceed n_train={self.n_train}; lower top_k")
+        if min(self.absolute_dampings, default=0) < 0 or min(self.relative_alphas, default=0) < 0:
+            raise ValueError("absolute_dampings and relative_alphas must be >= 0")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"InfluenceConfig.dtype must be 'float32' or 'float64', got {self.dtype!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -141,19 +152,23 @@ def damping_sweep(
     Absolute mode: every curvature, the Hessian included, is damped by the same lambda.
     Relative mode: each curvature C is damped by alpha * trace(C) / p and compared with the Hessian
     damped by alpha * trace(H) / p. Each row holds ``curvature``, ``mode``, ``value`` (lambda or
-    alpha), ``damping`` (the lambda used) and the :func:`~ifutils.evaluate.agreement` metrics.
+    alpha), ``damping`` (the lambda used), ``reference_indefinite`` (True when H + lambda_H I has a
+    negative eigenvalue, so the "exact" reference itself is not a minimum-based influence) and the
+    :func:`~ifutils.evaluate.agreement` metrics.
     """
     rows = []
     hess = curvatures[REFERENCE]
     settings = [("absolute", v, lambda c, v=v: v) for v in config.absolute_dampings]
     settings += [("relative", a, lambda c, a=a: relative_damping(c, a)) for a in config.relative_alphas]
+    smallest = float(hess.eigvalsh()[0])
     for mode, value, damping_of in settings:
         reference = influence(train_grads, test_grads, hess, damping_of(hess))
+        indefinite = smallest + damping_of(hess) <= 0
         for name, curvature in curvatures.items():
             damping = damping_of(curvature)
             scores = influence(train_grads, test_grads, curvature, damping)
             rows.append({"curvature": name, "mode": mode, "value": value, "damping": damping,
-                         **agreement(reference, scores, config.top_k)})
+                         "reference_indefinite": indefinite, **agreement(reference, scores, config.top_k)})
     return rows
 
 

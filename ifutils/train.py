@@ -39,6 +39,9 @@ class TrainConfig:
 
     def __post_init__(self):
         validate_fields(self)
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @torch.no_grad()
@@ -73,7 +76,8 @@ def train_language_model(
     (:func:`ifutils.model.sentence_loss`), matching the per-sample loss used for influence.
     After each epoch the checkpoint at ``checkpoint_path`` is rewritten atomically with weights,
     optimiser and RNG state and the history; an existing checkpoint for the same configuration is
-    resumed from its last finished epoch (so a killed run loses at most one epoch).
+    resumed from its last finished epoch (so a killed run loses at most one epoch); asking for more
+    epochs than a finished checkpoint has extends it.
 
     Returns:
         (model in eval mode, history) where history holds one dict per epoch with
@@ -90,9 +94,14 @@ def train_language_model(
     history: list[dict] = []
     if Path(checkpoint_path).is_file():
         _, _, payload = load_checkpoint(checkpoint_path, device)
-        if payload.get("train_config") != asdict(config) or payload["model_config"] != model_config.to_dict():
+        saved = {**payload["model_config"], **{k: v for k, v in payload["train_config"].items() if k != "epochs"}}
+        wanted = {**model_config.to_dict(), **{k: v for k, v in asdict(config).items() if k != "epochs"}}
+        differ = [k for k in wanted if saved.get(k) != wanted[k]]
+        if differ or payload.get("dataset") != corpus.name:
             raise ValueError(
-                f"{checkpoint_path} was trained with another configuration; delete it or pick another path"
+                f"{checkpoint_path} was trained with another configuration "
+                f"({', '.join(f'{k}={saved.get(k)!r}' for k in differ) or 'dataset=' + repr(payload.get('dataset'))}); "
+                f"delete it or pick another checkpoint path"
             )
         model.load_state_dict(payload["state_dict"])
         optimizer.load_state_dict(payload["optimizer"])
@@ -130,7 +139,7 @@ def train_language_model(
         tqdm.write(f"epoch {epoch + 1}: train loss {history[-1]['train_loss']:.3f}, valid ppl {valid_ppl:.1f}")
         save_checkpoint(
             checkpoint_path, model, corpus.vocab, train_config=asdict(config), optimizer=optimizer.state_dict(),
-            rng_state=torch.get_rng_state(), history=history, dataset=corpus.name,
+            rng_state=torch.get_rng_state(), history=history, dataset=corpus.name, window=corpus.window,
         )
     model.eval()
     return model, history

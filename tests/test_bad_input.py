@@ -19,16 +19,37 @@ def small_corpus():
     return Corpus("toy", vocab, {s: random_sentences(10, 13, seed=i) for i, s in enumerate(("train", "valid", "test"))})
 
 
-@pytest.mark.parametrize("field, value", [("n_train", 11), ("n_test", 11), ("n_hessian", 11), ("n_train", 0)])
+@pytest.mark.parametrize("field, value", [("n_train", 11), ("n_test", 11), ("n_hessian", 11)])
 def test_counts_larger_than_the_split_are_named(field, value):
-    config = InfluenceConfig(**{"n_train": 10, "n_test": 5, "n_hessian": 5, field: value})
+    config = InfluenceConfig(**{"n_train": 10, "n_test": 5, "n_hessian": 5, "top_k": 2, field: value})
     with pytest.raises(ValueError, match=f"{field}={value}"):
         choose_samples(small_corpus(), config)
 
 
 def test_hessian_sentences_must_be_scored_training_sentences():
     with pytest.raises(ValueError, match="n_hessian=8 must not exceed n_train=6"):
-        choose_samples(small_corpus(), InfluenceConfig(n_train=6, n_test=2, n_hessian=8))
+        choose_samples(small_corpus(), InfluenceConfig(n_train=6, n_test=2, n_hessian=8, top_k=2))
+
+
+@pytest.mark.parametrize("kwargs, text", [
+    ({"n_train": 0}, "n_train must be >= 1"),
+    ({"mc_samples": 0}, "mc_samples must be >= 1"),
+    ({"n_train": 10}, "top_k=20 must not exceed n_train=10"),
+    ({"absolute_dampings": (-1.0,)}, "absolute_dampings"),
+    ({"dtype": "float16"}, "dtype must be 'float32' or 'float64'"),
+])
+def test_out_of_range_settings_fail_when_the_config_is_built(kwargs, text):
+    with pytest.raises(ValueError, match=text):
+        InfluenceConfig(**kwargs)
+
+
+def test_checkpoint_of_another_dataset_is_refused():
+    from ifutils.io import check_corpus
+
+    corpus = small_corpus()
+    check_corpus({"dataset": "toy", "window": None}, corpus)
+    with pytest.raises(ValueError, match="trained on dataset='ptb'.*'toy'"):
+        check_corpus({"dataset": "ptb", "window": None}, corpus)
 
 
 @pytest.mark.parametrize("cls, kwargs, field", [
@@ -97,3 +118,16 @@ def test_empty_or_too_long_samples_are_named(length, text):
     sentences[2] = torch.ones(length, dtype=torch.long)
     with pytest.raises(ValueError, match=text):
         per_sample_grads(loss, sentences, desc=None)
+
+
+def test_influence_refuses_non_finite_or_one_dimensional_gradients():
+    from ifutils.curvature import IdentityCurvature
+    from ifutils.influence import influence, relative_damping
+
+    good = torch.ones(3, 4)
+    with pytest.raises(FloatingPointError, match="train_grads has NaN/Inf in rows \\[1\\]"):
+        influence(torch.tensor([[0.0] * 4, [float("nan")] * 4]), good, IdentityCurvature(4), 0.1)
+    with pytest.raises(ValueError, match="test_grads must be \\(n, p\\)"):
+        influence(good, torch.ones(4), IdentityCurvature(4), 0.1)
+    with pytest.raises(ValueError, match="alpha must be >= 0"):
+        relative_damping(IdentityCurvature(4), -1.0)

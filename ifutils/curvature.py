@@ -133,6 +133,7 @@ class DenseCurvature(Curvature):
         return self._eigh()[0]
 
     def mean_eigenvalue(self) -> float:
+        """trace(C) / p from the diagonal, without an eigendecomposition."""
         return float(self.matrix.diagonal().mean())
 
     def solve(self, v: torch.Tensor, damping: float) -> torch.Tensor:

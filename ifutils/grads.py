@@ -41,6 +41,7 @@ class ParamSubset:
         return sum(len(self.indices[n]) for n in self.names)
 
     def to_dict(self) -> dict:
+        """JSON-able summary: names, p and coordinates per tensor (stored in results)."""
         return {"names": self.names, "p": self.size, "per_tensor": {n: len(self.indices[n]) for n in self.names}}
 
 

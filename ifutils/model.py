@@ -38,6 +38,7 @@ class ModelConfig:
         validate_fields(self)
 
     def to_dict(self) -> dict:
+        """The fields as a dict (stored in checkpoints)."""
         return asdict(self)
 
 

@@ -73,6 +73,7 @@ class InfluenceConfig:
             raise ValueError(f"InfluenceConfig.dtype must be 'float32' or 'float64', got {self.dtype!r}")
 
     def to_dict(self) -> dict:
+        """The fields as a dict (stored in results)."""
         return asdict(self)
 
 

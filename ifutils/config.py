@@ -24,6 +24,13 @@ def validate_fields(config) -> None:
             )
 
 
+def require_positive(config, *names: str) -> None:
+    """Raise ValueError naming the first of ``names`` whose value is below 1."""
+    for name in names:
+        if getattr(config, name) < 1:
+            raise ValueError(f"{type(config).__name__}.{name} must be >= 1, got {getattr(config, name)}")
+
+
 def _matches(value, expected) -> bool:
     origin, args = typing.get_origin(expected), typing.get_args(expected)
     if origin in (typing.Union, types.UnionType):

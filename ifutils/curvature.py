@@ -29,7 +29,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch.func import grad, jacfwd, vmap
 
-from .cache import ChunkCache, derive_seed
+from .cache import derive_seed
 from .grads import DECODER, SubsetLoss, per_sample_grads
 
 
@@ -286,10 +286,9 @@ def hessian_and_ggn(
         return grad(lambda th: ((u * (h := hidden(th, inputs))).sum(), h), has_aux=True)(theta_l)
 
     second = vmap(jacfwd(grad_psi_and_h), in_dims=(None, 0, 0))
-    cache = None if cache_dir is None else ChunkCache(
-        cache_dir, {"stage": "Hessian and GGN", "chunk_size": chunk_size, "token_chunk": token_chunk,
-                    "subset": loss.subset.to_dict()},
-        loss.base, loss.subset.indices, theta, weights, sentences,
+    cache = loss.cache(
+        cache_dir, {"stage": "Hessian and GGN", "chunk_size": chunk_size, "token_chunk": token_chunk},
+        theta, weights, sentences,
     )
     progress = (cache.get("progress") if cache else None) or {"chunks": 0}
     if progress["chunks"]:

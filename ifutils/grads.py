@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-
 from dataclasses import dataclass
 
 import torch
@@ -142,6 +141,13 @@ class SubsetLoss:
             return base
         return base.flatten().index_put((self.indices[name],), self._part(theta, name).detach()).view_as(base)
 
+    def cache(self, cache_dir: str | os.PathLike | None, description: dict, *parts) -> ChunkCache | None:
+        """A :class:`~ifutils.cache.ChunkCache` keyed by ``description``, ``parts``, the subset and the
+        frozen weights, or None when ``cache_dir`` is None."""
+        if cache_dir is None:
+            return None
+        return ChunkCache(cache_dir, {**description, "subset": self.subset.to_dict()}, self.base, self.subset.indices, *parts)
+
     def logits(self, theta: torch.Tensor, inputs: torch.Tensor, return_hidden: bool = False) -> torch.Tensor:
         """(..., L, V) logits, or (..., L, H) last-layer states, for (..., L) ``inputs``."""
         return self.model(inputs, unrolled=True, return_hidden=return_hidden, deltas=self.deltas(theta))
@@ -209,10 +215,9 @@ def per_sample_grads(
     theta = loss.theta0 if theta is None else theta
     out = theta.new_empty(len(sentences), len(theta))
     one = vmap(grad(loss.loss), in_dims=(None, 0, 0, 0))
-    cache = None if cache_dir is None else ChunkCache(
-        cache_dir, {"stage": "per-sample gradients", "chunk_size": chunk_size, "sampled_labels": sampled_labels,
-                    "subset": loss.subset.to_dict()},
-        loss.base, loss.subset.indices, theta, sentences,
+    cache = loss.cache(
+        cache_dir, {"stage": "per-sample gradients", "chunk_size": chunk_size, "sampled_labels": sampled_labels},
+        theta, sentences,
     )
     for j, (idx, inputs, targets, mask) in enumerate(loss.batches(sentences, chunk_size, desc)):
         grads = cache.get(f"chunk{j}") if cache else None

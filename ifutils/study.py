@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .config import validate_fields
+from .config import require_positive, validate_fields
 from .curvature import (
     Curvature,
     IdentityCurvature,
@@ -61,10 +61,7 @@ class InfluenceConfig:
 
     def __post_init__(self):
         validate_fields(self)
-        positive = ("num_coords", "n_hessian", "n_train", "n_test", "mc_samples", "top_k", "chunk_size")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"InfluenceConfig.{name} must be >= 1, got {getattr(self, name)}")
+        require_positive(self, "num_coords", "n_hessian", "n_train", "n_test", "mc_samples", "top_k", "chunk_size")
         if self.top_k > self.n_train:
             raise ValueError(f"top_k={self.top_k} must not exceed n_train={self.n_train}; lower top_k")
         if min(self.absolute_dampings, default=0) < 0 or min(self.relative_alphas, default=0) < 0:

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import validate_fields
+from .config import require_positive, validate_fields
 from .data import Corpus, bucket_batches, make_batch
-from .io import load_checkpoint, save_checkpoint
+from .io import check_corpus, load_checkpoint, save_checkpoint
 from .model import LSTMLM, ModelConfig, sentence_loss, token_nll
 
 
@@ -39,9 +39,7 @@ class TrainConfig:
 
     def __post_init__(self):
         validate_fields(self)
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        require_positive(self, "epochs", "batch_size")
 
 
 @torch.no_grad()
@@ -84,7 +82,7 @@ def train_language_model(
         ``train_loss`` (nats/token, batch-averaged), ``valid_ppl``, ``lr`` and ``seconds``.
     Raises:
         FloatingPointError: a non-finite training loss; the last good checkpoint is kept.
-        ValueError: the checkpoint on disk was written with another configuration.
+        ValueError: the checkpoint on disk was written with another configuration or dataset.
     """
     eos_id = corpus.vocab.stoi["<eos>"]
     train = corpus.splits["train"][: config.max_train_sentences]
@@ -96,13 +94,13 @@ def train_language_model(
         _, _, payload = load_checkpoint(checkpoint_path, device)
         saved = {**payload["model_config"], **{k: v for k, v in payload["train_config"].items() if k != "epochs"}}
         wanted = {**model_config.to_dict(), **{k: v for k, v in asdict(config).items() if k != "epochs"}}
-        differ = [k for k in wanted if saved.get(k) != wanted[k]]
-        if differ or payload.get("dataset") != corpus.name:
+        differ = [f"{k}={saved.get(k)!r}" for k in wanted if saved.get(k) != wanted[k]]
+        if differ:
             raise ValueError(
-                f"{checkpoint_path} was trained with another configuration "
-                f"({', '.join(f'{k}={saved.get(k)!r}' for k in differ) or 'dataset=' + repr(payload.get('dataset'))}); "
+                f"{checkpoint_path} was trained with another configuration ({', '.join(differ)}); "
                 f"delete it or pick another checkpoint path"
             )
+        check_corpus(payload, corpus)
         model.load_state_dict(payload["state_dict"])
         optimizer.load_state_dict(payload["optimizer"])
         torch.set_rng_state(payload["rng_state"])

@@ -340,10 +340,11 @@ def _text8_words(path: Path, start: int, stop: int, desc: str, block: int = 1 <<
     bytes (memory stays bounded), checking the format; a word spanning blocks is kept whole."""
     with open(path, "rb") as f, tqdm(total=stop - start, unit="B", unit_scale=True, desc=desc, leave=False) as bar:
         f.seek(start)
-        carry, pos = b"", start
+        carry, last, pos = b"", b"", start
         while pos < stop:
             chunk = f.read(min(block, stop - pos))
-            _check_text8(chunk, pos, path)
+            _check_text8(last + chunk, pos - len(last), path)  # the previous byte: double spaces across blocks
+            last = chunk[-1:]
             pos += len(chunk)
             bar.update(len(chunk))
             data = carry + chunk

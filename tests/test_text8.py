@@ -76,6 +76,15 @@ def test_wrong_format_names_the_byte(tmp_path, content, where, what):
     assert where in str(err.value) and what.replace("\\\\", "\\") in str(err.value)
 
 
+def test_double_space_across_read_blocks_is_found(tmp_path):
+    from ifutils.data import _text8_words
+
+    path = tmp_path / "t8"
+    path.write_bytes(b" abc  def")  # the double space straddles the 5-byte block boundary
+    with pytest.raises(ValueError, match="byte 4 .*double space"):
+        list(_text8_words(path, 0, path.stat().st_size, "t", block=5))
+
+
 def test_truncated_zip_is_rejected_and_removed(tmp_path):
     good = tmp_path / "text8.zip"
     with zipfile.ZipFile(good, "w", zipfile.ZIP_DEFLATED) as z:

@@ -32,6 +32,10 @@ from torch.func import grad, jacfwd, vmap
 from .cache import derive_seed
 from .grads import DECODER, SubsetLoss, per_sample_grads
 
+Damping = "float | torch.Tensor"
+"""A damping lambda: a float >= 0 added to every diagonal entry, or a (p,) tensor >= 0 added entry by entry
+(per-layer damping of block-structured curvatures, see :meth:`Curvature.relative_damping`)."""
+
 
 class Curvature(ABC):
     """A symmetric p x p curvature C with damped solves; the influence code needs nothing else."""
@@ -44,23 +48,51 @@ class Curvature(ABC):
         """(p,) float64 eigenvalues in ascending order (negative ones included, never clipped)."""
 
     @abstractmethod
-    def solve(self, v: torch.Tensor, damping: float) -> torch.Tensor:
-        """(C + damping I)^{-1} v for v of shape (p,) or (p, m); float64 result.
+    def solve(self, v: torch.Tensor, damping: Damping) -> torch.Tensor:
+        """(C + diag(damping))^{-1} v for v of shape (p,) or (p, m); float64 result.
 
         Raises:
-            ValueError: ``damping < 0``, ``v`` of the wrong size, or C + damping I singular.
+            ValueError: negative damping, ``v`` of the wrong size, or C + damping singular.
         """
+
+    @property
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes of the representation held (a dense matrix, a diagonal, factors, ...)."""
 
     def mean_eigenvalue(self) -> float:
         """trace(C) / p, the scale used for relative damping (Karakida et al. 2019 call it m_lambda)."""
         return float(self.eigvalsh().mean())
 
-    def _check(self, v: torch.Tensor, damping: float) -> torch.Tensor:
-        if not damping >= 0:
+    def relative_damping(self, alpha: float) -> Damping:
+        """alpha * trace(C) / p, the scale-free damping (kronfluence's default is alpha = 0.1).
+
+        Block-structured curvatures override this with one value per block (per-layer damping).
+
+        Raises:
+            ValueError: ``alpha < 0``, or the mean eigenvalue is not positive, so no relative scale exists.
+        """
+        if not alpha >= 0:
+            raise ValueError(f"relative damping alpha must be >= 0, got {alpha}")
+        scale = self.mean_eigenvalue()
+        if not scale > 0:
+            raise ValueError(f"{self.name} has mean eigenvalue {scale:g} <= 0; use absolute damping")
+        return alpha * scale
+
+    def _check(self, v: torch.Tensor, damping: Damping) -> tuple[torch.Tensor, Damping]:
+        if torch.is_tensor(damping):
+            if damping.shape != (self.p,) or not (damping >= 0).all():
+                raise ValueError(f"{self.name}: a damping tensor must be (p,) = ({self.p},) and >= 0")
+            damping = damping.double().to(v.device)
+        elif not damping >= 0:
             raise ValueError(f"damping must be >= 0, got {damping}")
         if v.shape[0] != self.p:
             raise ValueError(f"{self.name}: vector has {v.shape[0]} rows, curvature is {self.p} x {self.p}")
-        return v.double()
+        return v.double(), damping
+
+
+def _describe(damping: Damping) -> str:
+    return f"{damping:g}" if not torch.is_tensor(damping) else f"diag({damping.min():.3g}..{damping.max():.3g})"
 
 
 def available_memory(device: torch.device | str = "cpu") -> int:
@@ -91,11 +123,11 @@ def check_dense_fits(p: int, count: int = 4, device: torch.device | str = "cpu")
         )
 
 
-def _check_invertible(name: str, shifted: torch.Tensor, damping: float) -> None:
+def _check_invertible(name: str, shifted: torch.Tensor, damping: Damping) -> None:
     smallest = shifted.abs().min()
     if smallest <= shifted.abs().max() * shifted.numel() * torch.finfo(torch.float64).eps:
         raise ValueError(
-            f"{name} + {damping:g} I is singular (|eigenvalue + damping| down to {smallest.item():.3g}); "
+            f"{name} + {_describe(damping)} I is singular (|eigenvalue + damping| down to {smallest.item():.3g}); "
             f"use a positive damping larger than the most negative eigenvalue's magnitude"
         )
 
@@ -136,18 +168,23 @@ class DenseCurvature(Curvature):
         """trace(C) / p from the diagonal, without an eigendecomposition."""
         return float(self.matrix.diagonal().mean())
 
-    def solve(self, v: torch.Tensor, damping: float) -> torch.Tensor:
-        v = self._check(v, damping)
-        eye = torch.eye(self.p, dtype=torch.float64, device=self.matrix.device)
-        factor, info = torch.linalg.cholesky_ex(self.matrix + damping * eye)
+    @property
+    def nbytes(self) -> int:
+        return self.matrix.numel() * self.matrix.element_size()
+
+    def solve(self, v: torch.Tensor, damping: Damping) -> torch.Tensor:
+        v, damping = self._check(v, damping)
+        shift = torch.diag(damping) if torch.is_tensor(damping) else damping * torch.eye(self.p, dtype=torch.float64, device=v.device)
+        factor, info = torch.linalg.cholesky_ex(self.matrix + shift)
         if info == 0:
             return torch.cholesky_solve(v if v.dim() == 2 else v[:, None], factor).reshape(v.shape)
-        evals, evecs = self._eigh()
+        # A per-coordinate damping does not commute with C, so it needs its own decomposition.
+        evals, evecs = torch.linalg.eigh(self.matrix + shift) if torch.is_tensor(damping) else self._eigh()
         warnings.warn(
-            f"{self.name} + {damping:g} I is not positive definite (smallest eigenvalue of {self.name} "
-            f"{evals[0].item():.3g}); solving by eigendecomposition", stacklevel=2,
+            f"{self.name} + {_describe(damping)} I is not positive definite (smallest eigenvalue of {self.name} "
+            f"{self.eigvalsh()[0].item():.3g}); solving by eigendecomposition", stacklevel=2,
         )
-        shifted = evals + damping
+        shifted = evals if torch.is_tensor(damping) else evals + damping
         _check_invertible(self.name, shifted, damping)
         coef = evecs.T @ v
         return evecs @ (coef / (shifted if v.dim() == 1 else shifted[:, None]))
@@ -155,6 +192,58 @@ class DenseCurvature(Curvature):
     def diagonal(self, name: str | None = None) -> "DiagonalCurvature":
         """The diagonal approximation diag(C)."""
         return DiagonalCurvature(self.matrix.diagonal(), name or f"{self.name} (diag)")
+
+    def block_diagonal(self, blocks: list[torch.Tensor], name: str | None = None) -> "BlockCurvature":
+        """The block-diagonal approximation: C[b, b] kept for each block b, every other entry zero.
+
+        Args:
+            blocks: index tensors partitioning range(p), e.g. one per parameter tensor
+                (:meth:`ifutils.grads.SubsetLoss.blocks`).
+        """
+        keep = torch.zeros(self.p, self.p, dtype=torch.bool, device=self.matrix.device)
+        for b in blocks:
+            keep[b[:, None], b] = True
+        return BlockCurvature(torch.where(keep, self.matrix, 0.0), blocks, name or f"{self.name} (block-diag)")
+
+
+class BlockCurvature(DenseCurvature):
+    """A dense matrix that is block-diagonal over ``blocks`` (one block per layer or parameter tensor),
+    damped per block in relative mode: block b gets alpha * scale_b (Martens & Grosse 2015, sec. 6.3;
+    kronfluence uses scale_b = the mean eigenvalue of layer b's approximation).
+
+    Args:
+        matrix: (p, p) float tensor, zero outside the blocks.
+        blocks: index tensors partitioning range(p).
+        name: label.
+        scales: one positive float per block, default the block's mean diagonal entry trace(C_bb) / p_b.
+    Raises:
+        ValueError: the blocks do not partition range(p), or the number of scales differs.
+    """
+
+    def __init__(self, matrix: torch.Tensor, blocks: list[torch.Tensor], name: str, scales: list[float] | None = None):
+        super().__init__(matrix, name)
+        covered = torch.cat(list(blocks)).sort().values if blocks else torch.zeros(0, dtype=torch.long)
+        if not torch.equal(covered.cpu(), torch.arange(self.p)):
+            raise ValueError(f"{name}: blocks must partition range({self.p}) exactly once")
+        if scales is not None and len(scales) != len(blocks):
+            raise ValueError(f"{name}: {len(scales)} scales for {len(blocks)} blocks")
+        self.blocks = list(blocks)
+        self.scales = scales or [float(self.matrix.diagonal()[b].mean()) for b in self.blocks]
+
+    def relative_damping(self, alpha: float) -> torch.Tensor:
+        """(p,) float64: alpha * scale_b on the coordinates of block b (per-layer damping).
+
+        Raises:
+            ValueError: ``alpha < 0`` or a block's scale is not positive.
+        """
+        if not alpha >= 0:
+            raise ValueError(f"relative damping alpha must be >= 0, got {alpha}")
+        out = torch.empty(self.p, dtype=torch.float64, device=self.matrix.device)
+        for b, scale in zip(self.blocks, self.scales):
+            if not scale > 0:
+                raise ValueError(f"{self.name}: a block has mean eigenvalue {scale:g} <= 0; use absolute damping")
+            out[b] = alpha * scale
+        return out
 
 
 class DiagonalCurvature(Curvature):
@@ -168,8 +257,12 @@ class DiagonalCurvature(Curvature):
     def eigvalsh(self) -> torch.Tensor:
         return self.d.sort().values
 
-    def solve(self, v: torch.Tensor, damping: float) -> torch.Tensor:
-        v = self._check(v, damping)
+    @property
+    def nbytes(self) -> int:
+        return self.d.numel() * self.d.element_size()
+
+    def solve(self, v: torch.Tensor, damping: Damping) -> torch.Tensor:
+        v, damping = self._check(v, damping)
         shifted = self.d + damping
         _check_invertible(self.name, shifted, damping)
         return v / (shifted if v.dim() == 1 else shifted[:, None])
@@ -183,7 +276,10 @@ class IdentityCurvature(DiagonalCurvature):
 
 
 def empirical_fisher(grads: torch.Tensor, lengths: torch.Tensor, name: str = "EF") -> DenseCurvature:
-    """Empirical Fisher F_emp = (1/n) sum_i T_i g_i g_i^T (module docstring; Kunstner et al. 2019, eq. 3).
+    """Sentence-level empirical Fisher F_emp = (1/n) sum_i T_i g_i g_i^T (module docstring).
+
+    This is Kunstner, Balles, Hennig 2019, eq. 3, with our examples (sentences): g_i T_i is the gradient of
+    sentence i's NLL, and the 1/T_i of the mean-token-loss objective puts it on the scale of H and G.
 
     Args:
         grads: (n, p) per-sample gradients of the mean token NLL (nats/token).
@@ -192,6 +288,76 @@ def empirical_fisher(grads: torch.Tensor, lengths: torch.Tensor, name: str = "EF
     check_dense_fits(grads.shape[1], 2, grads.device)
     g = grads.double()
     return DenseCurvature((g * lengths.double()[:, None]).T @ g / len(g), name)
+
+
+def token_empirical_fisher(token_grads: torch.Tensor, lengths: torch.Tensor, name: str = "EF (token)") -> DenseCurvature:
+    """Token-level empirical Fisher F_tok = (1/n) sum_i (1/T_i) sum_t g_it g_it^T.
+
+    Every token is an example: g_it is the gradient of -log p(y_t | y_<t) (nats), as in per-token
+    KFAC/EK-FAC implementations for language models (e.g. kronfluence) and curvlinops' ``EFLinearOperator``
+    on flattened token outputs. Like the sentence-level EF it equals the GGN in expectation over labels drawn
+    from the model; with the real labels the two differ by the cross-token terms g_it g_is^T (t != s).
+
+    Args:
+        token_grads: (sum_i T_i, p) per-token gradients, sentences in order (:func:`ifutils.grads.per_token_grads`).
+        lengths: (n,) tokens T_i per sentence.
+    Raises:
+        ValueError: the row count is not sum(lengths).
+    """
+    if token_grads.shape[0] != int(lengths.sum()):
+        raise ValueError(f"{token_grads.shape[0]} token gradients for {int(lengths.sum())} tokens in lengths")
+    check_dense_fits(token_grads.shape[1], 2, token_grads.device)
+    g = token_grads.double()
+    w = torch.repeat_interleave(1.0 / (len(lengths) * lengths.double()), lengths.long()).to(g.device)
+    return DenseCurvature((g * w[:, None]).T @ g, name)
+
+
+class LowRankCurvature(Curvature):
+    """C = U U^T with U of shape (p, r), r < p: the exact empirical Fisher when n_H < p, with
+    U = [sqrt(T_i / n) g_i]_i (the sentence-level EF of :func:`empirical_fisher`).
+
+    Solves use the Woodbury identity, never a p x p matrix (Woodbury 1950; Golub & Van Loan, sec. 2.1.4):
+      (U U^T + lambda I)^{-1} v = (1/lambda) (v - U (lambda I_r + U^T U)^{-1} U^T v),   lambda > 0,
+    at O(p r^2) cost with an r x r Cholesky factor.
+
+    Args:
+        factor: (p, r) float tensor U.
+        name: label.
+    """
+
+    def __init__(self, factor: torch.Tensor, name: str):
+        self.factor = factor.double()
+        self.name = name
+        self.p = factor.shape[0]
+
+    @classmethod
+    def empirical_fisher(cls, grads: torch.Tensor, lengths: torch.Tensor, name: str = "EF (Woodbury)") -> "LowRankCurvature":
+        """The sentence-level EF from (n, p) per-sample gradients and (n,) token counts, as a factor."""
+        scale = (lengths.double() / len(grads)).sqrt().to(grads.device)
+        return cls((grads.double() * scale[:, None]).T, name)
+
+    @property
+    def nbytes(self) -> int:
+        return self.factor.numel() * self.factor.element_size()
+
+    def eigvalsh(self) -> torch.Tensor:
+        """Eigenvalues of U^T U (r x r, the same nonzero spectrum), padded with p - r zeros."""
+        gram = torch.linalg.eigvalsh(self.factor.T @ self.factor).clamp(min=0)
+        zeros = gram.new_zeros(max(self.p - len(gram), 0))
+        return torch.cat([zeros, gram]).sort().values[-self.p :]
+
+    def mean_eigenvalue(self) -> float:
+        return float((self.factor**2).sum() / self.p)
+
+    def solve(self, v: torch.Tensor, damping: Damping) -> torch.Tensor:
+        """Raises: ValueError: damping not a positive float (Woodbury needs lambda > 0)."""
+        v, damping = self._check(v, damping)
+        if torch.is_tensor(damping) or not damping > 0:
+            raise ValueError(f"{self.name}: the Woodbury solve needs a positive scalar damping, got {_describe(damping)}")
+        u = self.factor
+        small = damping * torch.eye(u.shape[1], dtype=torch.float64, device=u.device) + u.T @ u
+        inner = torch.cholesky_solve(u.T @ (v if v.dim() == 2 else v[:, None]), torch.linalg.cholesky(small))
+        return (v - (u @ inner).reshape(v.shape)) / damping
 
 
 def mc_true_fisher(
@@ -216,6 +382,30 @@ def mc_true_fisher(
                              desc=f"true Fisher draw {draw + 1}/{num_samples}", cache_dir=cache_dir)
         total += empirical_fisher(g, lengths).matrix
     return DenseCurvature(total / num_samples, f"true Fisher (MC, k={num_samples})")
+
+
+def mc_fisher_errors(
+    loss: SubsetLoss, sentences: list[torch.Tensor], reference: DenseCurvature, ks: tuple[int, ...], seed: int = 0,
+    chunk_size: int = 32, cache_dir: str | os.PathLike | None = None,
+) -> dict[int, float]:
+    """Relative Frobenius error ||F_k - G||_F / ||G||_F of the Monte Carlo true Fisher against the closed form G,
+    for each k in ``ks``, with nested draws (F_k uses draws 0..k-1, the draws of :func:`mc_true_fisher`, so
+    cached draws are shared). The expected squared error falls as 1/k (the draws are i.i.d.).
+
+    Returns:
+        {k: error} in the order of ``ks``.
+    """
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks must be positive draw counts, got {ks}")
+    lengths = torch.tensor([len(s) for s in sentences], device=loss.theta0.device, dtype=torch.float64)
+    total, errors = 0, {}
+    for draw in range(max(ks)):
+        g = per_sample_grads(loss, sentences, chunk_size, derive_seed(seed, draw),
+                             desc=f"true Fisher draw {draw + 1}/{max(ks)}", cache_dir=cache_dir)
+        total = total + empirical_fisher(g, lengths).matrix
+        if draw + 1 in ks:
+            errors[draw + 1] = float((total / (draw + 1) - reference.matrix).norm() / reference.matrix.norm())
+    return {k: errors[k] for k in ks}
 
 
 def _decoder_coords(loss: SubsetLoss) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -245,9 +435,10 @@ def hessian_and_ggn(
     theta: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
     cache_dir: str | os.PathLike | None = None,
-) -> tuple[DenseCurvature, DenseCurvature]:
+    token_ef: bool = False,
+) -> tuple[DenseCurvature, ...]:
     """Exact Hessian H and Gauss-Newton G (= closed-form true Fisher) of the mean training loss
-    (1/n) sum_i w_i l_i(theta), with sample weights w_i (default 1).
+    (1/n) sum_i w_i l_i(theta), with sample weights w_i (default 1), and optionally the token-level EF.
 
     Uses the structure of the loss instead of p Hessian-vector products through the V-way softmax.
     Split theta into LSTM-side coordinates (l) and decoder coordinates (d). Per token,
@@ -257,6 +448,8 @@ def hessian_and_ggn(
     where E_d selects the output rows v_a of the decoder coordinates and f_a = h[k_a] (1 for a bias).
     H = G + R, each weighted by 1/(n T_i). J and R_ll come from one forward-over-reverse pass
     (``jacfwd(grad)``) through the unrolled LSTM only; the softmax enters through W_d^T Lambda W_d.
+    The same pass gives every token's gradient, J^T W_d^T r on the LSTM side and r[v_a] f_a on the decoder
+    side, hence the token-level EF (:func:`token_empirical_fisher`) at the cost of one outer product per token.
 
     Args:
         loss: subset loss; its dtype sets the compute precision (results are float64).
@@ -266,8 +459,9 @@ def hessian_and_ggn(
         weights: (n,) sample weights w_i, default all ones (retraining uses 0 to remove a sample).
         cache_dir: if given, the running sums are saved after every chunk (:class:`~ifutils.cache.ChunkCache`)
             and a rerun after a kill continues from the last saved chunk, with bit-identical results.
+        token_ef: also return the token-level empirical Fisher (with weights w_i / (n T_i)).
     Returns:
-        (DenseCurvature "Hessian", DenseCurvature "GGN (true Fisher, closed form)").
+        (DenseCurvature "Hessian", DenseCurvature "GGN (true Fisher, closed form)"[, DenseCurvature "EF (token)"]).
     """
     lpos, dpos, rows, feats = _decoder_coords(loss)
     theta = loss.theta0 if theta is None else theta
@@ -276,7 +470,7 @@ def hessian_and_ggn(
     weights = torch.ones(n, dtype=theta.dtype, device=theta.device) if weights is None else weights.to(theta)
     W, bias = loss.dense("decoder.weight", theta), loss.dense("decoder.bias", theta)
     hess = torch.zeros(p, p, dtype=torch.float64, device=W.device)
-    ggn = torch.zeros_like(hess)
+    ggn, ef = torch.zeros_like(hess), torch.zeros_like(hess)
     theta_l0 = theta[lpos]
 
     def hidden(theta_l, inputs):
@@ -287,12 +481,12 @@ def hessian_and_ggn(
 
     second = vmap(jacfwd(grad_psi_and_h), in_dims=(None, 0, 0))
     cache = loss.cache(
-        cache_dir, {"stage": "Hessian and GGN", "chunk_size": chunk_size, "token_chunk": token_chunk},
+        cache_dir, {"stage": "Hessian and GGN", "chunk_size": chunk_size, "token_chunk": token_chunk, "token_ef": token_ef},
         theta, weights, sentences,
     )
     progress = (cache.get("progress") if cache else None) or {"chunks": 0}
     if progress["chunks"]:
-        hess, ggn = progress["hess"].to(hess), progress["ggn"].to(ggn)
+        hess, ggn, ef = progress["hess"].to(hess), progress["ggn"].to(ggn), progress["ef"].to(ef)
     for j, (idx, inputs, targets, mask) in enumerate(loss.batches(sentences, chunk_size, "exact Hessian and GGN")):
         if j < progress["chunks"]:
             continue
@@ -312,11 +506,22 @@ def hessian_and_ggn(
             ggn[a[:, None], b] += block
             hess[a[:, None], b] += block
         hess[lpos[:, None], dpos] += r_ld
+        if token_ef:
+            g = torch.zeros(int(mask.sum()), p, dtype=torch.float64, device=W.device)
+            g[:, lpos] = torch.einsum("nhp,nh->np", jac, r[mask] @ W).double() if jac is not None else 0.0
+            g[:, dpos] = (r[mask][:, rows] * _features(h[mask], feats)).double()
+            ef += (g * w[mask].double()[:, None]).T @ g
         if cache:
-            cache.put("progress", {"chunks": j + 1, "hess": hess.cpu(), "ggn": ggn.cpu()})
+            cache.put("progress", {"chunks": j + 1, "hess": hess.cpu(), "ggn": ggn.cpu(), "ef": ef.cpu()})
     for m in (hess, ggn):
         m[dpos[:, None], lpos] = m[lpos[:, None], dpos].T
-    return DenseCurvature(hess / n, "Hessian"), DenseCurvature(ggn / n, "GGN (true Fisher, closed form)")
+    out = (DenseCurvature(hess / n, "Hessian"), DenseCurvature(ggn / n, "GGN (true Fisher, closed form)"))
+    return out + (DenseCurvature(ef / n, "EF (token)"),) if token_ef else out
+
+
+def _features(h: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    """(N, p_d) input feature f_a = h[k_a] of each decoder coordinate, 1 for a bias (k_a = -1)."""
+    return torch.where(feats >= 0, h[:, feats.clamp(min=0)], 1.0)
 
 
 def _token_blocks(W, h, probs, r, w, rows, feats, jac=None, token_chunk: int = 16):
@@ -325,7 +530,7 @@ def _token_blocks(W, h, probs, r, w, rows, feats, jac=None, token_chunk: int = 1
     Shapes: h (N, H), probs and r (N, V), w (N,), rows and feats (p_d,), jac (N, H, p_l) or None.
     """
     p_l = 0 if jac is None else jac.shape[-1]
-    f = torch.where(feats >= 0, h[:, feats.clamp(min=0)], 1.0)  # (N, p_d) decoder features
+    f = _features(h, feats)
     pv = probs[:, rows]
     q = pv * f
     same_row = rows[:, None] == rows[None, :]

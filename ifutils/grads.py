@@ -12,12 +12,12 @@ import os
 from dataclasses import dataclass
 
 import torch
-from torch.func import grad, vmap
+from torch.func import grad, jacrev, vmap
 from tqdm.auto import tqdm
 
 from .cache import ChunkCache, derive_seed
 from .data import bucket_batches, make_batch
-from .model import LSTMLM, sentence_loss
+from .model import LSTMLM, sentence_loss, token_nll
 
 DECODER = ("decoder.weight", "decoder.bias")
 
@@ -79,12 +79,25 @@ def default_subset(model: LSTMLM, kind: str = "recurrent", num_coords: int = 512
     ``"recurrent"``: ``num_coords`` random coordinates of the last layer's ``weight_hh``, where
     the Hessian differs from the Gauss-Newton matrix. ``"decoder"``: random coordinates of
     ``decoder.weight``; the loss is then a softmax regression on fixed features, convex, and its
-    Hessian equals the true Fisher (Martens 2020, sec. 9.2), a sanity check.
+    Hessian equals the true Fisher (Martens 2020, sec. 9.2), a sanity check. ``"lstm+decoder"``: an equal
+    share (up to one) of ``num_coords`` from each of the last layer's ``weight_ih`` and ``weight_hh`` and
+    ``decoder.weight``, so that block-diagonal and per-layer (KFAC) approximations differ from the full matrix.
+
+    Raises:
+        ValueError: unknown ``kind`` (the message lists the valid ones), or too few/many coordinates.
     """
-    names = {"recurrent": [f"lstm.weight_hh_l{model.config.num_layers - 1}"], "decoder": ["decoder.weight"]}
+    last = model.config.num_layers - 1
+    names = {"recurrent": [f"lstm.weight_hh_l{last}"], "decoder": ["decoder.weight"],
+             "lstm+decoder": [f"lstm.weight_ih_l{last}", f"lstm.weight_hh_l{last}", "decoder.weight"]}
     if kind not in names:
         raise ValueError(f"unknown subset kind {kind!r}; choose one of {', '.join(names)}")
-    return select_subset(model, names[kind], num_coords, seed)
+    if len(names[kind]) == 1:
+        return select_subset(model, names[kind], num_coords, seed)
+    if num_coords < len(names[kind]):
+        raise ValueError(f"num_coords={num_coords} must be at least {len(names[kind])} for subset {kind!r}")
+    shares = [num_coords // len(names[kind]) + (j < num_coords % len(names[kind])) for j in range(len(names[kind]))]
+    parts = [select_subset(model, [n], k, seed + j) for j, (n, k) in enumerate(zip(names[kind], shares))]
+    return ParamSubset(names[kind], {n: part.indices[n] for n, part in zip(names[kind], parts)})
 
 
 class SubsetLoss:
@@ -125,6 +138,11 @@ class SubsetLoss:
         start = self._offsets[name]
         return theta[start : start + len(self.indices[name])]
 
+    def blocks(self) -> dict[str, torch.Tensor]:
+        """Parameter name -> (k,) positions of its coordinates in theta_S (for block-diagonal curvatures);
+        tensors with no coordinate in the subset are left out."""
+        return {n: torch.arange(len(self.indices[n])) + self._offsets[n] for n in self.subset.names if len(self.indices[n])}
+
     def deltas(self, theta: torch.Tensor) -> dict[str, tuple]:
         """Sparse changes (rows, cols, theta - theta0) per subset tensor; see :data:`ifutils.model.SparseDelta`."""
         out = {}
@@ -148,13 +166,21 @@ class SubsetLoss:
             return None
         return ChunkCache(cache_dir, {**description, "subset": self.subset.to_dict()}, self.base, self.subset.indices, *parts)
 
-    def logits(self, theta: torch.Tensor, inputs: torch.Tensor, return_hidden: bool = False) -> torch.Tensor:
-        """(..., L, V) logits, or (..., L, H) last-layer states, for (..., L) ``inputs``."""
-        return self.model(inputs, unrolled=True, return_hidden=return_hidden, deltas=self.deltas(theta))
+    def logits(
+        self, theta: torch.Tensor, inputs: torch.Tensor, return_hidden: bool = False, gate_shift: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(..., L, V) logits, or (..., L, H) last-layer states, for (..., L) ``inputs``; ``gate_shift`` as in
+        :meth:`ifutils.model.LSTMLM.forward`."""
+        return self.model(inputs, unrolled=True, return_hidden=return_hidden, deltas=self.deltas(theta),
+                          gate_shift=gate_shift)
 
     def loss(self, theta: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Per-sample loss l(theta) (mean token NLL, nats) for (..., L) inputs; returns (...,)."""
         return sentence_loss(self.logits(theta, inputs), targets, mask)
+
+    def token_losses(self, theta: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(..., L) NLL of every target token (nats), padding included (mask it out)."""
+        return token_nll(self.logits(theta, inputs), targets)
 
     def batches(self, sentences: list[torch.Tensor], chunk_size: int, desc: str | None = None):
         """Yield (indices, inputs, targets, mask) for length-bucketed chunks of ``sentences``, on device.
@@ -233,4 +259,32 @@ def per_sample_grads(
     bad = (~torch.isfinite(out).all(dim=1)).nonzero().flatten().tolist()
     if bad:
         raise FloatingPointError(f"non-finite per-sample gradients for samples {bad[:20]} (of {len(bad)})")
+    return out
+
+
+def per_token_grads(
+    loss: SubsetLoss, sentences: list[torch.Tensor], chunk_size: int = 16, desc: str | None = "per-token gradients",
+    theta: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Gradient of every token's NLL -log p(y_t | y_<t) (nats) with respect to theta_S.
+
+    ``vmap`` over sentences of ``jacrev`` of the (L,) token-loss vector. A sentence's mean-loss gradient
+    g_i is the mean of its rows (tested), and the token-level empirical Fisher is built from these
+    (:func:`ifutils.curvature.token_empirical_fisher`).
+
+    Args:
+        loss: the subset loss; sentences: n 1-D int64 tensors; chunk_size: sentences per vectorised chunk.
+        theta: (p,) point of evaluation, default ``loss.theta0``.
+    Returns:
+        (sum_i T_i, p) tensor in ``loss``'s dtype: the T_0 rows of sentence 0 in token order, then sentence 1, ...
+    """
+    theta = loss.theta0 if theta is None else theta
+    lengths = torch.tensor([len(s) for s in sentences])
+    starts = (lengths.cumsum(0) - lengths).tolist()
+    out = theta.new_empty(int(lengths.sum()), len(theta))
+    jac = vmap(jacrev(loss.token_losses), in_dims=(None, 0, 0))
+    for idx, inputs, targets, _ in loss.batches(sentences, chunk_size, desc):
+        rows = jac(theta, inputs, targets)  # (B, L, p)
+        for b, i in enumerate(idx):
+            out[starts[i] : starts[i] + len(sentences[i])] = rows[b, : len(sentences[i])]
     return out

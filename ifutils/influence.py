@@ -7,7 +7,7 @@ import torch
 from .curvature import Curvature
 
 
-def influence(train_grads: torch.Tensor, test_grads: torch.Tensor, curvature: Curvature, damping: float) -> torch.Tensor:
+def influence(train_grads: torch.Tensor, test_grads: torch.Tensor, curvature: Curvature, damping) -> torch.Tensor:
     """Influence of each training sample on each test loss.
 
     I[i, j] = -g_test[j]^T (C + damping I)^{-1} g_train[i]   (Koh & Liang 2017, eq. 2)
@@ -21,7 +21,7 @@ def influence(train_grads: torch.Tensor, test_grads: torch.Tensor, curvature: Cu
         train_grads: (n_train, p) per-sample gradients of the mean token NLL (nats/token).
         test_grads: (n_test, p) gradients of the test losses, same convention.
         curvature: a :class:`~ifutils.curvature.Curvature` over the same p coordinates.
-        damping: float >= 0 added to the diagonal.
+        damping: float >= 0 added to the diagonal, or a (p,) tensor of per-coordinate dampings.
     Returns:
         (n_train, n_test) float64 tensor on the gradients' device.
     Raises:
@@ -40,15 +40,66 @@ def influence(train_grads: torch.Tensor, test_grads: torch.Tensor, curvature: Cu
     return -(train_grads.double() @ curvature.solve(test_grads.double().T, damping))
 
 
-def relative_damping(curvature: Curvature, alpha: float) -> float:
-    """Damping alpha * trace(C) / p, the scale-free choice (kronfluence's default uses alpha = 0.1).
+def relative_damping(curvature: Curvature, alpha: float):
+    """Damping alpha * trace(C) / p, the scale-free choice (kronfluence's default uses alpha = 0.1);
+    per block for block-structured curvatures (:meth:`~ifutils.curvature.Curvature.relative_damping`).
 
     Raises:
         ValueError: ``alpha < 0``, or the mean eigenvalue is not positive, so no relative scale exists.
     """
-    if not alpha >= 0:
-        raise ValueError(f"relative damping alpha must be >= 0, got {alpha}")
-    scale = curvature.mean_eigenvalue()
-    if not scale > 0:
-        raise ValueError(f"{curvature.name} has mean eigenvalue {scale:g} <= 0; use absolute damping")
-    return alpha * scale
+    return curvature.relative_damping(alpha)
+
+
+def self_influence(train_grads: torch.Tensor, curvature: Curvature, damping) -> torch.Tensor:
+    """g_i^T (C + damping I)^{-1} g_i per training sample (Koh & Liang 2017, sec. 5.4: large values flag
+    mislabelled or atypical samples). Returns (n_train,) float64; raises like :func:`influence`."""
+    g = train_grads.double()
+    return (g * curvature.solve(g.T, damping).T).sum(1)
+
+
+def gradient_similarity(train_grads: torch.Tensor, test_grads: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
+    """Hessian-free pairwise scores, in the sign convention of :func:`influence` (positive = harmful).
+
+    ``"dot"``: -g_test^T g_train, TracIn at the last checkpoint up to the learning rate (Pruthi et al. 2020,
+    eq. 3), i.e. influence with C = I and no damping. ``"cosine"``: -cos(g_test, g_train), the gradient cosine
+    of Chhabra et al. 2024 (Outlier Gradient Analysis, arXiv 2405.03869, sec. 4) and of Barshan et al. 2020.
+
+    Args:
+        train_grads: (n_train, p); test_grads: (n_test, p) per-sample gradients (nats/token).
+    Returns:
+        (n_train, n_test) float64.
+    Raises:
+        ValueError: unknown ``kind``, or a zero gradient for the cosine.
+    """
+    if kind not in ("dot", "cosine"):
+        raise ValueError(f"kind must be 'dot' or 'cosine', got {kind!r}")
+    a, b = train_grads.double(), test_grads.double()
+    if kind == "cosine":
+        norms = [(name, g.norm(dim=1)) for name, g in (("train", a), ("test", b))]
+        for name, n in norms:
+            if (n == 0).any():
+                raise ValueError(f"a {name} gradient is zero (rows {(n == 0).nonzero().flatten()[:10].tolist()}); "
+                                 f"the cosine is undefined, use kind='dot'")
+        a, b = a / norms[0][1][:, None], b / norms[1][1][:, None]
+    return -(a @ b.T)
+
+
+def outlier_scores(train_grads: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Outlier Gradient Analysis (Chhabra et al. 2024, arXiv 2405.03869, sec. 4 and Alg. 1): detrimental
+    samples are outliers in gradient space, found without any Hessian. Higher score = more outlying
+    (predicted more detrimental).
+
+    Returns:
+        dict of (n_train,) float64 tensors: ``"gradient L1 norm"``, ``"gradient L2 norm"`` and
+        ``"isolation forest"`` (minus scikit-learn's ``IsolationForest.score_samples``, Liu, Ting, Zhou 2008,
+        default settings, ``random_state=seed``).
+    """
+    from sklearn.ensemble import IsolationForest
+
+    g = train_grads.double()
+    forest = IsolationForest(random_state=seed).fit(g.cpu().numpy())
+    return {
+        "gradient L1 norm": g.abs().sum(1),
+        "gradient L2 norm": g.norm(dim=1),
+        "isolation forest": -torch.as_tensor(forest.score_samples(g.cpu().numpy()), dtype=torch.float64),
+    }

@@ -113,7 +113,8 @@ def environment() -> dict:
         ).stdout.strip()
     except OSError:
         commit = ""
-    import numpy, scipy  # noqa: E401  (imported here: only their versions are needed)
+    import numpy  # noqa: E401  (imported here: only their versions are needed)
+    import scipy
 
     return {
         "git_commit": commit or "unknown",

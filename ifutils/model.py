@@ -58,7 +58,13 @@ def add_delta(out: torch.Tensor, x: torch.Tensor | None, delta: SparseDelta | No
     return out.index_add(-1, rows, src)
 
 
-def unrolled_lstm(lstm: nn.LSTM, x: torch.Tensor, deltas: dict[str, SparseDelta] | None = None) -> torch.Tensor:
+def unrolled_lstm(
+    lstm: nn.LSTM,
+    x: torch.Tensor,
+    deltas: dict[str, SparseDelta] | None = None,
+    gate_shift: torch.Tensor | None = None,
+    layers: range | None = None,
+) -> torch.Tensor:
     """Run ``lstm``'s weights step by step from a zero state (PyTorch's LSTM equations).
 
     i, f, g, o = split(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh); c_t = s(f) c_{t-1} + s(i) tanh(g);
@@ -68,17 +74,23 @@ def unrolled_lstm(lstm: nn.LSTM, x: torch.Tensor, deltas: dict[str, SparseDelta]
         lstm: a unidirectional, ``batch_first`` ``nn.LSTM`` without projections.
         x: (..., L, E) float inputs; any leading batch dims (or none, under ``vmap``).
         deltas: optional sparse changes keyed ``weight_ih_l0``, ``bias_hh_l0``, ... (see :data:`SparseDelta`).
+        gate_shift: optional (..., L, 4H) tensor added to the gate pre-activations of the last layer run.
+            Held at zero, its gradient is dloss/ds_t, the pre-activation gradient that KFAC needs.
+        layers: which layers to run, default all; ``range(k)`` gives the input of layer k.
     Returns:
-        (..., L, H) hidden states of the last layer, equal to ``lstm(x)[0]`` up to rounding.
+        (..., L, H) hidden states of the last layer run, equal to ``lstm(x)[0]`` up to rounding.
     """
     deltas = deltas or {}
+    layers = range(lstm.num_layers) if layers is None else layers
     out = x
-    for layer in range(lstm.num_layers):
+    for layer in layers:
         name = lambda kind: f"{kind}_l{layer}"  # noqa: E731
         w_ih, w_hh = getattr(lstm, name("weight_ih")), getattr(lstm, name("weight_hh"))
         pre = out @ w_ih.T + getattr(lstm, name("bias_ih")) + getattr(lstm, name("bias_hh"))
         pre = add_delta(pre, out, deltas.get(name("weight_ih")))  # input part of all gates, all steps
         pre = add_delta(add_delta(pre, None, deltas.get(name("bias_ih"))), None, deltas.get(name("bias_hh")))
+        if gate_shift is not None and layer == layers[-1]:
+            pre = pre + gate_shift
         h = pre.new_zeros(pre.shape[:-2] + (lstm.hidden_size,))
         c = h
         states = []
@@ -115,6 +127,7 @@ class LSTMLM(nn.Module):
         unrolled: bool = False,
         return_hidden: bool = False,
         deltas: dict[str, SparseDelta] | None = None,
+        gate_shift: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for next-word prediction.
 
@@ -124,8 +137,32 @@ class LSTMLM(nn.Module):
             return_hidden: return the last LSTM layer's states instead of logits.
             deltas: sparse changes of parameters, keyed by parameter name (``embedding.weight``,
                 ``lstm.weight_hh_l0``, ``decoder.weight``, ...); implies ``unrolled``.
+            gate_shift: (..., L, 4H) added to the last LSTM layer's gate pre-activations; implies ``unrolled``.
         Returns:
             (..., L, V) float logits, or (..., L, H) hidden states with ``return_hidden``.
+        """
+        deltas = deltas or {}
+        if unrolled or deltas or gate_shift is not None:
+            h = self.states(inputs, deltas, gate_shift)[1]
+        else:
+            h = self.lstm(self.drop(self.embedding(inputs)))[0]
+        h = self.drop(h)
+        if return_hidden:
+            return h
+        logits = add_delta(self.decoder(h), h, deltas.get("decoder.weight"))
+        return add_delta(logits, None, deltas.get("decoder.bias"))
+
+    def states(
+        self, inputs: torch.Tensor, deltas: dict[str, SparseDelta] | None = None, gate_shift: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and hidden states of the last LSTM layer, through :func:`unrolled_lstm`.
+
+        Args:
+            inputs: (..., L) int64 word ids.
+            deltas: sparse parameter changes as in :meth:`forward`.
+            gate_shift: (..., L, 4H) added to the last layer's gate pre-activations (see :func:`unrolled_lstm`).
+        Returns:
+            (a, h): a (..., L, E or H) the last layer's inputs x_t, h (..., L, H) its states h_t.
         """
         deltas = deltas or {}
         x = self.embedding(inputs)
@@ -133,16 +170,11 @@ class LSTMLM(nn.Module):
             rows, cols, values = deltas["embedding.weight"]
             x = x.index_add(-1, cols, values * (inputs[..., None] == rows).to(values.dtype))
         x = self.drop(x)
-        if unrolled or deltas:
-            lstm_deltas = {k.removeprefix("lstm."): v for k, v in deltas.items() if k.startswith("lstm.")}
-            h = unrolled_lstm(self.lstm, x, lstm_deltas)
-        else:
-            h = self.lstm(x)[0]
-        h = self.drop(h)
-        if return_hidden:
-            return h
-        logits = add_delta(self.decoder(h), h, deltas.get("decoder.weight"))
-        return add_delta(logits, None, deltas.get("decoder.bias"))
+        lstm_deltas = {k.removeprefix("lstm."): v for k, v in deltas.items() if k.startswith("lstm.")}
+        last = self.config.num_layers - 1
+        if last:
+            x = unrolled_lstm(self.lstm, x, lstm_deltas, layers=range(last))
+        return x, unrolled_lstm(self.lstm, x, lstm_deltas, gate_shift, layers=range(last, last + 1))
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -60,25 +60,46 @@ def score_scatter(reference: torch.Tensor, scores: dict[str, torch.Tensor], labe
 
 def correlation_vs_damping(rows: list[dict], metric: str, label: str, path: str | os.PathLike) -> plt.Figure:
     """``metric`` (e.g. spearman) of each curvature against the exact Hessian, one panel per damping
-    mode: absolute damping (x = lambda) and relative damping (x = alpha, lambda = alpha * mean eigenvalue).
-    Grey bands mark dampings where the reference H + lambda I is indefinite."""
-    modes = ["absolute", "relative"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
-    for ax, mode in zip(axes, modes):
-        sel = [r for r in rows if r["mode"] == mode and r["curvature"] != "Hessian"]
+    mode: absolute damping (x = lambda) and relative damping (x = alpha, lambda = alpha * mean eigenvalue,
+    per layer for block-structured curvatures). Damping-free scores (mode "none") are drawn in the absolute
+    panel against the reference's lambda, dashed. Grey bands mark dampings where the reference H + lambda I
+    is indefinite; one colour and marker per curvature, legend beside the panels."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6), sharey=True)
+    names = list(dict.fromkeys(r["curvature"] for r in rows if r["curvature"] != "Hessian"))
+    style = {n: (plt.cm.tab20(k % 20), "os^vD<>ph*"[k % 10]) for k, n in enumerate(names)}
+    for ax, mode in zip(axes, ["absolute", "relative"]):
+        sel = [r for r in rows if r["mode"] in ((mode, "none") if mode == "absolute" else (mode,))
+               and r["curvature"] != "Hessian"]
         indefinite = [r["value"] for r in sel if r["reference_indefinite"]]
         if indefinite:
             ax.axvspan(min(indefinite), max(indefinite), color="0.85", label="H + lambda I indefinite")
         for name in dict.fromkeys(r["curvature"] for r in sel):
             pts = [(r["value"], r[metric]) for r in sel if r["curvature"] == name]
-            ax.plot(*zip(*pts), "o-", label=name, ms=3)
+            color, marker = style[name]
+            dashed = any(r["mode"] == "none" for r in sel if r["curvature"] == name)
+            ax.plot(*zip(*pts), marker=marker, ls="--" if dashed else "-", color=color, label=name, ms=4, lw=1)
         ax.set_xscale("log")
         ax.set(xlabel="damping lambda" if mode == "absolute" else "alpha (lambda = alpha * mean eigenvalue)",
                title=f"{mode} damping", ylabel=f"{metric} vs exact Hessian")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="best")
+    handles = {h.get_label(): h for ax in axes for h in ax.get_legend_handles_labels()[0]}
+    fig.legend(handles.values(), handles.keys(), fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle(label)
     fig.tight_layout()
+    return save(fig, path)
+
+
+def mc_error(errors: dict[int, float], label: str, path: str | os.PathLike) -> plt.Figure:
+    """Relative Frobenius error of the Monte Carlo true Fisher against the closed form, against the number of
+    label draws k (log-log), with the 1/sqrt(k) rate of an average of i.i.d. draws through the first point."""
+    ks = np.array(list(errors), dtype=float)
+    err = np.array(list(errors.values()))
+    fig, ax = plt.subplots(figsize=(4.8, 3.6))
+    ax.loglog(ks, err, "o-", label="||F_k - G||_F / ||G||_F")
+    ax.loglog(ks, err[0] * np.sqrt(ks[0] / ks), "k--", lw=1, label="1/sqrt(k)")
+    ax.set(xlabel="label draws k", ylabel="relative error", title=f"{label}: MC true Fisher vs closed form")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
     return save(fig, path)
 
 

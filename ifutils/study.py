@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
+from scipy import stats
 
 from .config import require_positive, validate_fields
 from .curvature import (
     Curvature,
     IdentityCurvature,
+    LowRankCurvature,
     empirical_fisher,
     hessian_and_ggn,
     mc_true_fisher,
@@ -19,9 +22,16 @@ from .curvature import (
 from .data import Corpus
 from .evaluate import agreement
 from .grads import SubsetLoss
-from .influence import influence, relative_damping
+from .influence import (
+    gradient_similarity,
+    influence,
+    outlier_scores,
+    relative_damping,
+    self_influence,
+)
 
 REFERENCE = "Hessian"
+GGN = "GGN (true Fisher, closed form)"
 
 
 @dataclass
@@ -29,7 +39,8 @@ class InfluenceConfig:
     """Settings of one comparison; saved into the results file.
 
     Attributes:
-        subset: ``"recurrent"`` (last ``weight_hh``) or ``"decoder"`` (``decoder.weight``).
+        subset: ``"recurrent"`` (last ``weight_hh``), ``"decoder"`` (``decoder.weight``) or ``"lstm+decoder"``
+            (see :func:`~ifutils.grads.default_subset`).
         num_coords: p, coordinates drawn (seeded) from the subset's tensors.
         n_hessian: n_H training sentences every curvature is estimated from.
         n_train: training sentences scored (the n_H sentences are the first n_H of them).
@@ -37,9 +48,14 @@ class InfluenceConfig:
         mc_samples: k, label draws per position for the Monte Carlo true Fisher.
         absolute_dampings: lambda values shared by all curvatures.
         relative_alphas: alpha values; each curvature C gets lambda = alpha * trace(C) / p.
-        scatter_damping: absolute damping of the scores drawn in the scatter figure (1e-4 is the scale of the
-            default subset's largest Hessian eigenvalues, where the curvatures differ most).
+        default_damping: the absolute damping of the "default" column of the comparison table, of the scatter
+            figure and of the Hessian-free detection scores (1e-4 is the scale of the default subset's largest
+            Hessian eigenvalues, where the curvatures differ most, and keeps H + lambda I positive definite there).
         top_k: size of the helpful/harmful sets compared.
+        top_fraction: the top-fraction overlap reported in the comparison table (0.1 = top 10%).
+        mc_error_ks: draw counts k at which the Monte Carlo true Fisher's error against the closed form is shown.
+        arnoldi_rank: r, Ritz pairs kept by the Arnoldi iHVP (Schioppa et al. 2022).
+        lissa_depth: LiSSA recursion depth; its scale is 1.1 x the largest Ritz value from Arnoldi.
         seed: seeds sample choice, coordinate choice and label draws.
         dtype: ``"float32"`` or ``"float64"`` for gradients and curvature products.
         chunk_size: sentences per vectorised chunk.
@@ -53,15 +69,24 @@ class InfluenceConfig:
     mc_samples: int = 4
     absolute_dampings: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
     relative_alphas: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
-    scatter_damping: float = 1e-4
+    default_damping: float = 1e-4
     top_k: int = 20
+    top_fraction: float = 0.1
+    mc_error_ks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    arnoldi_rank: int = 64
+    lissa_depth: int = 2000
     seed: int = 0
     dtype: str = "float32"
     chunk_size: int = 32
 
     def __post_init__(self):
         validate_fields(self)
-        require_positive(self, "num_coords", "n_hessian", "n_train", "n_test", "mc_samples", "top_k", "chunk_size")
+        require_positive(self, "num_coords", "n_hessian", "n_train", "n_test", "mc_samples", "top_k", "chunk_size",
+                         "arnoldi_rank", "lissa_depth")
+        if not 0 < self.top_fraction <= 1:
+            raise ValueError(f"top_fraction={self.top_fraction} must be in (0, 1]")
+        if min(self.mc_error_ks, default=1) < 1:
+            raise ValueError(f"mc_error_ks must be positive draw counts, got {self.mc_error_ks}")
         if self.top_k > self.n_train:
             raise ValueError(f"top_k={self.top_k} must not exceed n_train={self.n_train}; lower top_k")
         if min(self.absolute_dampings, default=0) < 0 or min(self.relative_alphas, default=0) < 0:
@@ -111,24 +136,99 @@ def build_curvatures(
     loss: SubsetLoss, sentences: list[torch.Tensor], train_grads_h: torch.Tensor, config: InfluenceConfig,
     timer: StageTimer, cache_dir: str | None = None,
 ) -> dict[str, Curvature]:
-    """Every curvature of the comparison, all from the same n_H sentences.
+    """Every curvature of the comparison, all from the same n_H sentences, each timed under ``"curvature: <name>"``.
+
+    * exact: Hessian (the reference), GGN (= true Fisher, closed form) and the token-level EF, from one
+      structured pass;
+    * Monte Carlo true Fisher (k = ``mc_samples``); empirical Fisher at sentence level (EF);
+    * diagonal of H, GGN and EF; block-diagonal (one block per parameter tensor) when the subset has several;
+    * KFAC and EK-FAC with true-Fisher labels, when every subset tensor is a decoder or last-LSTM-layer one;
+    * EF by the Woodbury identity when n_H < p (exact, never a p x p inverse);
+    * iHVP solvers without a formed inverse: CG, LiSSA and Arnoldi on the Hessian (applied as a matrix-vector
+      product of the exact H, so that only the solver's error is measured; ``ifutils.solvers.hvp_operator``
+      gives the same products by autodiff), and DataInf on the EF. LiSSA's scale is 1.1 (|lambda|_max + damping)
+      with |lambda|_max the largest Arnoldi Ritz value, depth ``lissa_depth``;
+    * identity (the gradient dot product).
 
     Args:
         train_grads_h: (n_H, p) per-sample gradients of those sentences (reused by the EF).
         cache_dir: where the long stages save their chunks, so that a killed run resumes.
     Returns:
-        name -> Curvature: Hessian, GGN (true Fisher, closed form), true Fisher (MC) and its
-        diagonal, EF and its diagonal, identity.
+        name -> Curvature, the Hessian first.
     """
-    with timer("curvature: Hessian + GGN"):
-        hess, ggn = hessian_and_ggn(loss, sentences, cache_dir=cache_dir)
-    with timer("curvature: EF"):
-        lengths = torch.tensor([len(s) for s in sentences], device=train_grads_h.device)
-        ef = empirical_fisher(train_grads_h, lengths)
-    with timer("curvature: true Fisher (MC)"):
-        mc = mc_true_fisher(loss, sentences, config.mc_samples, config.seed, config.chunk_size, cache_dir)
-    curvatures = [hess, ggn, mc, mc.diagonal(), ef, ef.diagonal(), IdentityCurvature(hess.p)]
-    return {c.name: c for c in curvatures}
+    from .kfac import ekfac_curvature, fit_kfac, kfac_curvature
+    from .solvers import ArnoldiCurvature, DataInfCurvature, OperatorCurvature
+
+    out: dict[str, Curvature] = {}
+
+    def add(stage, build):
+        with timer(f"curvature: {stage}"):
+            built = build()
+        for c in built if isinstance(built, tuple) else (built,):
+            out[c.name] = c
+            c.build_stage = stage
+
+    lengths = torch.tensor([len(s) for s in sentences], device=train_grads_h.device)
+    add("Hessian + GGN + EF (token)", lambda: hessian_and_ggn(loss, sentences, cache_dir=cache_dir, token_ef=True))
+    hess, ggn = out[REFERENCE], out[GGN]
+    add("true Fisher (MC)", lambda: mc_true_fisher(loss, sentences, config.mc_samples, config.seed, config.chunk_size, cache_dir))
+    add("EF", lambda: empirical_fisher(train_grads_h, lengths))
+    ef = out["EF"]
+    blocks = list(loss.blocks().values())
+    for c in (hess, ggn, ef):  # extracted from the dense matrix: their cost is the parent's
+        add(f"diagonal of {c.name}", c.diagonal)
+        if len(blocks) > 1:
+            add(f"block-diagonal of {c.name}", lambda c=c: c.block_diagonal(blocks))
+    def kronecker():
+        layers = fit_kfac(loss, sentences, "model", config.mc_samples, config.seed, config.chunk_size, cache_dir=cache_dir)
+        return kfac_curvature(layers, hess.p), ekfac_curvature(layers, hess.p)
+
+    try:
+        add("KFAC + EK-FAC", kronecker)
+    except ValueError as err:  # a subset tensor KFAC does not cover (e.g. embeddings)
+        print(f"KFAC and EK-FAC skipped: {err}")
+    if len(sentences) < hess.p:
+        add("EF (Woodbury)", lambda: LowRankCurvature.empirical_fisher(train_grads_h, lengths))
+    matvec, trace = (lambda v: hess.matrix @ v), float(hess.matrix.trace())
+    rank = min(config.arnoldi_rank, hess.p)
+    add("Hessian (Arnoldi)", lambda: ArnoldiCurvature(matvec, hess.p, rank, seed=config.seed,
+                                                      name=f"Hessian (Arnoldi, r={rank})"))
+    top = float(out[f"Hessian (Arnoldi, r={rank})"].eigvalsh().abs().max())
+    scale = lambda damping: 1.1 * (top + float(torch.as_tensor(damping).max()))  # noqa: E731  above lambda_max(H + damping)
+    add("Hessian (CG)", lambda: OperatorCurvature(matvec, hess.p, "Hessian (CG)", method="cg", trace=trace))
+    add("Hessian (LiSSA)", lambda: OperatorCurvature(matvec, hess.p, "Hessian (LiSSA)", method="lissa", trace=trace,
+                                                     scale=scale, depth=config.lissa_depth))
+    add("EF (DataInf)", lambda: DataInfCurvature(train_grads_h, lengths))
+    add("identity", lambda: IdentityCurvature(hess.p, "identity (gradient dot product)"))
+    return out
+
+
+def hessian_free_scores(train_grads: torch.Tensor, test_grads: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Damping-free pairwise scores compared like curvatures: the gradient cosine (the identity curvature
+    already gives the dot product, TracIn). name -> (n_train, n_test)."""
+    return {"gradient cosine": gradient_similarity(train_grads, test_grads, "cosine")}
+
+
+def detection_agreement(
+    train_grads: torch.Tensor, test_grads: torch.Tensor, hess: Curvature, damping: float, seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """How well Outlier Gradient Analysis ranks training samples the way exact-Hessian influence does.
+
+    Each outlier score (:func:`~ifutils.influence.outlier_scores`) is compared by Spearman correlation with
+    (a) the exact-Hessian influence on the mean test loss, mean_j I[i, j] (positive = harmful), and (b) the
+    exact-Hessian self-influence g_i^T (H + damping I)^{-1} g_i, at ``damping``.
+
+    Returns:
+        {score name: {"spearman_test_influence", "spearman_self_influence"}}.
+    """
+    mean_test = influence(train_grads, test_grads, hess, damping).mean(1).cpu().numpy()
+    self_inf = self_influence(train_grads, hess, damping).cpu().numpy()
+    out = {}
+    for name, score in outlier_scores(train_grads, seed).items():
+        score = score.cpu().numpy()
+        out[name] = {"spearman_test_influence": float(stats.spearmanr(score, mean_test)[0]),
+                     "spearman_self_influence": float(stats.spearmanr(score, self_inf)[0])}
+    return out
 
 
 def spectrum_summary(curvature: Curvature) -> dict[str, float]:
@@ -142,17 +242,25 @@ def spectrum_summary(curvature: Curvature) -> dict[str, float]:
     }
 
 
+def _mean_damping(damping) -> float:
+    return float(damping.mean()) if torch.is_tensor(damping) else float(damping)
+
+
 def damping_sweep(
-    train_grads: torch.Tensor, test_grads: torch.Tensor, curvatures: dict[str, Curvature], config: InfluenceConfig
+    train_grads: torch.Tensor, test_grads: torch.Tensor, curvatures: dict[str, Curvature], config: InfluenceConfig,
+    fixed_scores: dict[str, torch.Tensor] | None = None,
 ) -> list[dict]:
     """Agreement of every curvature with the exact Hessian over both damping modes.
 
     Absolute mode: every curvature, the Hessian included, is damped by the same lambda.
-    Relative mode: each curvature C is damped by alpha * trace(C) / p and compared with the Hessian
-    damped by alpha * trace(H) / p. Each row holds ``curvature``, ``mode``, ``value`` (lambda or
-    alpha), ``damping`` (the lambda used), ``reference_indefinite`` (True when H + lambda_H I has a
-    negative eigenvalue, so the "exact" reference itself is not a minimum-based influence) and the
-    :func:`~ifutils.evaluate.agreement` metrics.
+    Relative mode: each curvature C is damped by alpha * trace(C) / p (per layer for block-structured ones,
+    see :meth:`~ifutils.curvature.Curvature.relative_damping`) and compared with the Hessian damped by
+    alpha * trace(H) / p. Each row holds ``curvature``, ``mode``, ``value`` (lambda or alpha), ``damping``
+    (the lambda used, its mean over coordinates when per layer), ``reference_indefinite`` (True when
+    H + lambda_H I has a negative eigenvalue, so the "exact" reference itself is not a minimum-based
+    influence), ``warnings`` (what a solver reported, e.g. non-convergence) and the
+    :func:`~ifutils.evaluate.agreement` metrics. ``fixed_scores`` (damping-free, e.g. the gradient cosine)
+    get one row per absolute damping of the reference, ``mode="none"``.
     """
     rows = []
     hess = curvatures[REFERENCE]
@@ -162,12 +270,66 @@ def damping_sweep(
     for mode, value, damping_of in settings:
         reference = influence(train_grads, test_grads, hess, damping_of(hess))
         indefinite = smallest + damping_of(hess) <= 0
-        for name, curvature in curvatures.items():
-            damping = damping_of(curvature)
-            scores = influence(train_grads, test_grads, curvature, damping)
-            rows.append({"curvature": name, "mode": mode, "value": value, "damping": damping,
-                         "reference_indefinite": indefinite, **agreement(reference, scores, config.top_k)})
+        scored = [(name, mode, damping_of(c), c) for name, c in curvatures.items()]
+        if mode == "absolute":
+            scored += [(name, "none", float("nan"), s) for name, s in (fixed_scores or {}).items()]
+        for name, row_mode, damping, c in scored:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                scores = c if row_mode == "none" else influence(train_grads, test_grads, c, damping)
+            rows.append({"curvature": name, "mode": row_mode, "value": value, "damping": _mean_damping(damping),
+                         "reference_indefinite": bool(indefinite),
+                         "warnings": sorted({str(w.message).split(";")[0] for w in caught}),
+                         **agreement(reference, scores, config.top_k, config.top_fraction)})
     return rows
+
+
+def comparison_table(
+    rows: list[dict], curvatures: dict[str, Curvature], timer: StageTimer, default_damping: float
+) -> list[dict]:
+    """One entry per curvature (or damping-free score): Pearson, Spearman and top-fraction overlap with
+    exact-Hessian influence at its best damping (highest Spearman over both modes, among rows whose reference
+    H + lambda I is positive definite) and at ``default_damping`` (absolute), plus build seconds
+    (``shared_with``: curvatures built by the same pass; a diagonal or block-diagonal is extracted from its dense
+    parent, so its build cost is the parent's plus the extraction time shown) and bytes held.
+    """
+    table = []
+    for name in dict.fromkeys(r["curvature"] for r in rows):
+        mine = [r for r in rows if r["curvature"] == name]
+        valid = [r for r in mine if not r["reference_indefinite"]] or mine
+        best = max(valid, key=lambda r: r["spearman"])
+        default = next((r for r in mine if r["mode"] in ("absolute", "none") and r["value"] == default_damping), None)
+        c = curvatures.get(name)
+        stage = getattr(c, "build_stage", None)
+        metrics = lambda r: {m: r[m] for m in ("pearson", "spearman", "top_frac_harmful", "top_frac_helpful")}  # noqa: E731
+        table.append({
+            "curvature": name, "best": {"mode": best["mode"], "value": best["value"], "damping": best["damping"],
+                                        **metrics(best)},
+            "default": metrics(default) if default else None,
+            "build_seconds": timer.seconds.get(f"curvature: {stage}") if stage else None,
+            "shared_with": [n for n, o in curvatures.items() if getattr(o, "build_stage", None) == stage and n != name],
+            "bytes": c.nbytes if c is not None else None,
+        })
+    return table
+
+
+def format_comparison(table: list[dict]) -> str:
+    """Plain-text comparison table (``comparison_table``'s entries)."""
+    head = (f"{'curvature':36s} {'best damping':>16s} {'Pear':>6s} {'Spear':>6s} {'top10%':>6s} | "
+            f"{'Pear':>6s} {'Spear':>6s} {'top10%':>6s} | {'build s':>8s} {'memory':>9s}")
+    lines = [f"{'':36s} {'--- at best damping ---':>38s} | {'-- at default --':>20s} |", head, "-" * len(head)]
+    for e in table:
+        b, d = e["best"], e["default"] or {}
+        where = f"{b['mode'][:3]} {b['value']:.0e}" if b["mode"] != "none" else "none"
+        frac = lambda m: (m["top_frac_harmful"] + m["top_frac_helpful"]) / 2 if m else float("nan")  # noqa: E731
+        secs = "" if e["build_seconds"] is None else f"{e['build_seconds']:.1f}" + ("*" if e["shared_with"] else "")
+        mem = "" if e["bytes"] is None else f"{e['bytes'] / 2**20:.2f} MiB"
+        lines.append(f"{e['curvature']:36s} {where:>16s} {b['pearson']:6.3f} {b['spearman']:6.3f} {frac(b):6.3f} | "
+                     f"{d.get('pearson', float('nan')):6.3f} {d.get('spearman', float('nan')):6.3f} {frac(d):6.3f} | "
+                     f"{secs:>8s} {mem:>9s}")
+    lines.append("top10% = mean of the harmful and helpful top-10% overlaps; * = time of a pass shared with others; "
+                 "(block-)diagonals: extraction time only, add the dense parent's")
+    return "\n".join(lines)
 
 
 def format_table(rows: list[dict], metrics: tuple[str, ...] = ("pearson", "spearman", "kendall", "top_k_harmful",

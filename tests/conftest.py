@@ -7,6 +7,7 @@ from functools import partial
 import pytest
 import torch
 
+from ifutils.data import make_batch
 from ifutils.grads import SubsetLoss, select_subset
 from ifutils.model import LSTMLM, ModelConfig
 
@@ -28,6 +29,28 @@ def random_sentences(n: int, vocab: int, max_len: int = 7, seed: int = 0) -> lis
 def tiny_model(vocab: int = 13, emb: int = 5, hidden: int = 6, layers: int = 1, seed: int = 0) -> LSTMLM:
     torch.manual_seed(seed)
     return LSTMLM(ModelConfig(vocab, emb, hidden, layers, dropout=0.0)).double().eval()
+
+
+def enumerate_labels(loss, sentences, contribution):
+    """Exact mean and variance of a Monte Carlo estimator sum_i X_i(y_i) over labels y_i drawn from the model.
+
+    Every label sequence y of sentence i (V^T_i of them; keep T_i and V tiny) is weighted by
+    prod_t p_t(y_t), the model's probabilities with the real inputs. Returns (sum_i E X_i,
+    sum_i E||X_i - E X_i||_F^2): draws of different sentences are independent, so the variances add.
+    """
+    import itertools
+
+    mean, var = 0, 0.0
+    for s in sentences:
+        inputs, _, _ = make_batch([s], EOS)
+        logp = torch.log_softmax(loss.logits(loss.theta0, inputs)[0], -1)
+        labels = [torch.tensor(y) for y in itertools.product(range(logp.shape[-1]), repeat=len(s))]
+        probs = [logp[torch.arange(len(s)), y].sum().exp() for y in labels]
+        values = [contribution(s, y) for y in labels]
+        m = sum(p * v for p, v in zip(probs, values))
+        mean = mean + m
+        var += float(sum(p * ((v - m) ** 2).sum() for p, v in zip(probs, values)))
+    return mean, var
 
 
 SUBSETS = {

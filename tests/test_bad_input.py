@@ -97,8 +97,8 @@ def test_empty_data_file_is_named(tmp_path):
 
 
 def test_paths_from_parameters_stay_inside_the_project():
-    from ifutils.io import project_path
     from ifutils.data import PROJECT_ROOT
+    from ifutils.io import project_path
 
     assert project_path("figures") == PROJECT_ROOT / "figures"
     for bad in ("../../etc/passwd", "/etc/passwd", "figures/../../outside"):

@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from ifutils import data
-from ifutils.data import Vocabulary, bucket_batches, download, load_corpus, make_batch, ptb_files
+from ifutils.data import (
+    Vocabulary,
+    bucket_batches,
+    download,
+    load_corpus,
+    make_batch,
+    ptb_files,
+)
 
 
 def test_vocabulary_and_encoding():

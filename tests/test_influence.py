@@ -1,10 +1,17 @@
+import pytest
 import torch
 from scipy import stats
 
 from ifutils.curvature import DenseCurvature, IdentityCurvature, hessian_and_ggn
 from ifutils.data import make_batch
 from ifutils.grads import per_sample_grads
-from ifutils.influence import influence, relative_damping
+from ifutils.influence import (
+    gradient_similarity,
+    influence,
+    outlier_scores,
+    relative_damping,
+    self_influence,
+)
 from ifutils.retrain import newton_solve
 
 from .conftest import random_sentences, subset_loss, tiny_model
@@ -54,3 +61,34 @@ def test_leave_one_out_on_convex_decoder_slice_matches_exact_retraining():
     # sign convention: a positive influence (harmful sample) means removal lowers the test loss
     big = predicted[:50].abs() > 0.1 * predicted[:50].abs().max()
     assert torch.equal(torch.sign(predicted[:50][big]), torch.sign(actual[big]))
+
+
+def test_hessian_free_scores_match_loops():
+    g = torch.randn(30, 6, dtype=torch.float64)
+    t = torch.randn(4, 6, dtype=torch.float64)
+    cos = gradient_similarity(g, t, "cosine")
+    dot = gradient_similarity(g, t, "dot")
+    for i in range(30):
+        for j in range(4):
+            assert abs(cos[i, j] + torch.dot(g[i], t[j]) / (g[i].norm() * t[j].norm())) < 1e-14
+            assert abs(dot[i, j] + torch.dot(g[i], t[j])) < 1e-13
+    torch.testing.assert_close(dot, influence(g, t, IdentityCurvature(6), 0.0))
+    with pytest.raises(ValueError, match="zero"):
+        gradient_similarity(torch.zeros(2, 6, dtype=torch.float64), t)
+
+
+def test_outlier_scores_rank_a_planted_outlier_first():
+    g = torch.randn(200, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    g[17] *= 12  # one sample with an abnormally large gradient
+    scores = outlier_scores(g, seed=0)
+    for name, s in scores.items():
+        assert s.shape == (200,) and int(s.argmax()) == 17, name
+    torch.testing.assert_close(scores["gradient L1 norm"], torch.tensor([row.abs().sum() for row in g], dtype=torch.float64))
+    assert torch.equal(outlier_scores(g, seed=0)["isolation forest"], scores["isolation forest"])  # seeded
+
+
+def test_self_influence_is_the_diagonal_of_the_influence_matrix():
+    g = torch.randn(9, 5, dtype=torch.float64)
+    a = torch.randn(5, 5, dtype=torch.float64)
+    c = DenseCurvature(a @ a.T, "spd")
+    torch.testing.assert_close(self_influence(g, c, 0.1), -influence(g, g, c, 0.1).diagonal())

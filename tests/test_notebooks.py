@@ -22,7 +22,8 @@ def smoke_run(request, tmp_path_factory):
     )
     papermill.execute_notebook(
         "fisher_if.ipynb", str(out / "fisher.ipynb"), progress_bar=False,
-        parameters={**common, "num_coords": 24, "n_hessian": 30, "n_train": 60, "n_test": 3, "mc_samples": 2},
+        parameters={**common, "num_coords": 24, "n_hessian": 20, "n_train": 60, "n_test": 3, "mc_samples": 2,
+                    "mc_error_ks": [1, 2], "arnoldi_rank": 8, "lissa_depth": 300},
     )
     return dataset, out
 
@@ -30,19 +31,29 @@ def smoke_run(request, tmp_path_factory):
 def test_notebooks_write_figures_and_results(smoke_run):
     dataset, out = smoke_run
     figures = sorted(p.name for p in (out / "figures").iterdir())
-    assert figures == [f"{dataset}_{name}.png" for name in ("correlation_vs_damping", "scatter", "spectra", "training")]
+    assert figures == [f"{dataset}_{name}.png"
+                       for name in ("correlation_vs_damping", "mc_fisher_error", "scatter", "spectra", "training")]
     results = json.loads((out / "results.json").read_text())
     assert results["training"]["valid_ppl"] > 1
     assert results["training"]["data_label"] == results["influence"]["data_label"] == LABELS[dataset]
     inf = results["influence"]
-    assert (inf["p"], inf["n_hessian"], inf["n_train"], inf["n_test"]) == (24, 30, 60, 3)
+    assert (inf["p"], inf["n_hessian"], inf["n_train"], inf["n_test"]) == (24, 20, 60, 3)
     curvatures = {r["curvature"] for r in inf["agreement"]}
-    assert {"Hessian", "GGN (true Fisher, closed form)", "EF", "EF (diag)", "true Fisher (MC, k=2)",
-            "true Fisher (MC, k=2) (diag)", "identity"} == curvatures
+    assert curvatures == {
+        "Hessian", "GGN (true Fisher, closed form)", "true Fisher (MC, k=2)", "EF", "EF (token)", "Hessian (diag)",
+        "GGN (true Fisher, closed form) (diag)", "EF (diag)", "KFAC", "EK-FAC", "EF (Woodbury)",
+        "Hessian (Arnoldi, r=8)", "Hessian (CG)", "Hessian (LiSSA)", "EF (DataInf)", "identity (gradient dot product)",
+        "gradient cosine"}
+    assert [e["curvature"] for e in inf["comparison"]] == list(dict.fromkeys(r["curvature"] for r in inf["agreement"]))
+    for entry in inf["comparison"]:
+        assert {"pearson", "spearman", "top_frac_harmful", "top_frac_helpful"} <= set(entry["best"])
+        assert entry["default"] is not None
+    assert set(inf["mc_fisher_error"]) == {"1", "2"}
+    assert set(inf["detection"]) == {"gradient L1 norm", "gradient L2 norm", "isolation forest"}
     # the Hessian compared with itself is the sanity anchor of every row group
     assert all(r["spearman"] > 0.999 for r in inf["agreement"] if r["curvature"] == "Hessian")
     assert set(inf["dampings"]) == {"absolute", "relative_alphas"}
-    assert "curvature: Hessian + GGN" in inf["seconds"] and "Hessian" in inf["spectra"]
+    assert "curvature: Hessian + GGN + EF (token)" in inf["seconds"] and "Hessian" in inf["spectra"]
 
 
 def test_figures_are_labelled_with_the_data(smoke_run):

@@ -1,14 +1,15 @@
 """Time to build the exact p x p Hessian of the subset training loss: naive HVP columns vs the structured pass.
 
-Full run (default PTB setting; many minutes on 2 CPU cores, the naive route extrapolated from 32 columns):
+Full run (default PTB setting; about 30 minutes on 2 CPU cores, the naive route extrapolated from 16 columns):
 
-    IFUTILS_DATA_DIR=../shared/data .venv/bin/python benchmarks/exact_hessian.py --columns 32
+    IFUTILS_DATA_DIR=../shared/data .venv/bin/python benchmarks/exact_hessian.py --columns 16 --json benchmarks/results/exact_hessian.json
 
 Setting: the trained checkpoint, the default recurrent subset (p = 512 coordinates of the last weight_hh), the
 n_H = 500 training sentences that ``fisher_if.ipynb`` uses (``ifutils.study.choose_samples``), in float32 and
 float64. In one run, per dtype:
   * ``naive``: H column by column, ``ifutils.solvers.hvp_operator`` (forward-over-reverse through the
-    10,000-way softmax for every column) applied to blocks of ``--column-block`` identity columns. With
+    10,000-way softmax for every column) applied to blocks of identity columns, one row per ``--column-blocks``
+    size (1: the literal column-by-column build; 16: 16 columns vmapped per pass, a tuned baseline). With
     ``--columns N`` only the first N columns are built and the time is extrapolated linearly to p: columns are
     independent, so the cost is linear in their number. The table says which.
   * ``structured``: ``ifutils.curvature.hessian_and_ggn`` (H and the GGN in one pass).
@@ -96,25 +97,24 @@ def measure(model, subset, eos: int, sentences: list[torch.Tensor], dtype: torch
     loss = SubsetLoss(model, subset, eos, dtype)
     p = len(loss.theta0)
     columns = min(args.columns or p, p)
-    block = min(args.column_block, columns)
     # Counted first: the one-time set-up of torch.func's forward mode then stays out of the timings.
     chunk, token_scale = median_chunk(sentences, args.chunk_size)
     flops_s = flops(lambda: hessian_and_ggn(loss, chunk, args.chunk_size)) * token_scale
-    flops_n = flops(lambda: hvp_operator(loss, chunk, args.chunk_size)(torch.eye(p, block, dtype=torch.float64)))
-    flops_n *= token_scale * p / block
     structured, seconds_s = timed(lambda: hessian_and_ggn(loss, sentences, args.chunk_size)[0].matrix)
-    naive, seconds_n = timed(lambda: naive_columns(loss, sentences, columns, block, args.chunk_size,
-                                                   f"naive columns ({dtype})"))
-    seconds_n_full = seconds_n * p / columns
-    agreement = float((naive - structured[:, :columns]).abs().max() / structured.abs().max())
     name = str(dtype).removeprefix("torch.")
+    rows = []
     timing = "measured" if columns == p else f"extrapolated from {columns}/{p} columns"
-    return [
-        {"dtype": name, "method": "naive", "seconds": seconds_n_full, "timing": timing,
-         "ratio": seconds_n_full / seconds_s, "gflop": flops_n / 1e9, "agreement": agreement},
-        {"dtype": name, "method": "structured", "seconds": seconds_s, "timing": "measured", "ratio": 1.0,
-         "gflop": flops_s / 1e9, "agreement": None},
-    ]
+    for block in sorted({min(b, columns) for b in args.column_blocks}):
+        flops_n = flops(lambda: hvp_operator(loss, chunk, args.chunk_size)(torch.eye(p, block, dtype=torch.float64)))
+        flops_n *= token_scale * p / block
+        naive, seconds_n = timed(lambda: naive_columns(loss, sentences, columns, block, args.chunk_size,
+                                                       f"naive columns, block {block} ({dtype})"))
+        seconds_n_full = seconds_n * p / columns
+        agreement = float((naive - structured[:, :columns]).abs().max() / structured.abs().max())
+        rows.append({"dtype": name, "method": f"naive/{block}", "seconds": seconds_n_full, "timing": timing,
+                     "ratio": seconds_n_full / seconds_s, "gflop": flops_n / 1e9, "agreement": agreement})
+    return rows + [{"dtype": name, "method": "structured", "seconds": seconds_s, "timing": "measured", "ratio": 1.0,
+                    "gflop": flops_s / 1e9, "agreement": None}]
 
 
 def print_table(rows: list[dict]) -> None:
@@ -137,15 +137,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of sentence and coordinate choice")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"], choices=["float32", "float64"])
     parser.add_argument("--chunk-size", type=int, default=8, help="sentences per vectorised chunk (both methods)")
-    parser.add_argument("--column-block", type=int, default=16, help="identity columns per naive HVP call")
+    parser.add_argument("--column-blocks", type=int, nargs="+", default=[1, 16],
+                        help="identity columns per naive HVP call; one naive row each (1 = one column at a time)")
     parser.add_argument("--columns", type=int, default=None,
                         help="build only the first N naive columns and extrapolate to p (default: all p)")
     parser.add_argument("--gemm-size", type=int, default=2048, help="side of the reference GEMM")
     parser.add_argument("--repeats", type=int, default=3, help="GEMM repeats (best is kept)")
     parser.add_argument("--json", default=None, help="also write the table and settings to this JSON file")
     args = parser.parse_args()
-    if (args.columns is not None and args.columns < 1) or args.column_block < 1:
-        parser.error("--columns and --column-block must be >= 1")
+    if (args.columns is not None and args.columns < 1) or min(args.column_blocks) < 1:
+        parser.error("--columns and --column-blocks must be >= 1")
     checkpoint = project_path(args.checkpoint)
     if not checkpoint.is_file():
         sys.exit(f"no checkpoint at {checkpoint}: train one with train_lstm_penn_treebank.ipynb "

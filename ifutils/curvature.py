@@ -9,7 +9,9 @@ r_t = p_t - onehot(y_t), Lambda_t = diag(p_t) - p_t p_t^T, and J_t = d h_t / d t
   G = (1/n) sum_i (1/T_i) sum_t (dz_t/dtheta)^T Lambda_t (dz_t/dtheta)
   (Martens 2020, "New insights and perspectives on the natural gradient method", sec. 9.2:
   for softmax cross-entropy the GGN equals the Fisher of the model's predictive distribution).
-* True Fisher, Monte Carlo: labels y~ drawn from p_t at every position, k draws, s_i = T_i g_i(y~)
+* True Fisher, Monte Carlo: labels y~ drawn from p_t at every position (the inputs stay the real prefixes, so this
+  is the Fisher of the per-token predictive distributions given the data, not of whole sampled sequences; that is
+  what makes its expectation exactly G), k draws, s_i = T_i g_i(y~)
   the gradient of the sentence NLL: F_k = (1/(n k)) sum_i sum_draws s_i s_i^T / T_i, with E[F_k] = G
   (the cross-token terms vanish in expectation because E[r_t] = 0).
 * Empirical Fisher (EF): the same form with the real labels, F_emp = (1/n) sum_i T_i g_i g_i^T, i.e. one
@@ -32,7 +34,7 @@ from torch.func import grad, jacfwd, vmap
 from .cache import derive_seed
 from .grads import DECODER, SubsetLoss, per_sample_grads
 
-Damping = "float | torch.Tensor"
+Damping = float | torch.Tensor
 """A damping lambda: a float >= 0 added to every diagonal entry, or a (p,) tensor >= 0 added entry by entry
 (per-layer damping of block-structured curvatures, see :meth:`Curvature.relative_damping`)."""
 
@@ -65,7 +67,8 @@ class Curvature(ABC):
         return float(self.eigvalsh().mean())
 
     def relative_damping(self, alpha: float) -> Damping:
-        """alpha * trace(C) / p, the scale-free damping (kronfluence's default is alpha = 0.1).
+        """alpha * trace(C) / p, the scale-free damping (kronfluence's heuristic when no damping is given uses
+        alpha = 0.1 per module).
 
         Block-structured curvatures override this with one value per block (per-layer damping).
 
@@ -79,7 +82,9 @@ class Curvature(ABC):
             raise ValueError(f"{self.name} has mean eigenvalue {scale:g} <= 0; use absolute damping")
         return alpha * scale
 
-    def _check(self, v: torch.Tensor, damping: Damping) -> tuple[torch.Tensor, Damping]:
+    def _check(self, v: torch.Tensor, damping: Damping, device=None) -> tuple[torch.Tensor, Damping]:
+        """Validate ``v`` and ``damping``; return them in float64 on ``device`` (where the curvature lives)."""
+        v = v.double().to(device or v.device)
         if torch.is_tensor(damping):
             if damping.shape != (self.p,) or not (damping >= 0).all():
                 raise ValueError(f"{self.name}: a damping tensor must be (p,) = ({self.p},) and >= 0")
@@ -88,7 +93,7 @@ class Curvature(ABC):
             raise ValueError(f"damping must be >= 0, got {damping}")
         if v.shape[0] != self.p:
             raise ValueError(f"{self.name}: vector has {v.shape[0]} rows, curvature is {self.p} x {self.p}")
-        return v.double(), damping
+        return v, damping
 
 
 def _describe(damping: Damping) -> str:
@@ -173,7 +178,7 @@ class DenseCurvature(Curvature):
         return self.matrix.numel() * self.matrix.element_size()
 
     def solve(self, v: torch.Tensor, damping: Damping) -> torch.Tensor:
-        v, damping = self._check(v, damping)
+        v, damping = self._check(v, damping, self.matrix.device)
         shift = torch.diag(damping) if torch.is_tensor(damping) else damping * torch.eye(self.p, dtype=torch.float64, device=v.device)
         factor, info = torch.linalg.cholesky_ex(self.matrix + shift)
         if info == 0:
@@ -208,8 +213,9 @@ class DenseCurvature(Curvature):
 
 class BlockCurvature(DenseCurvature):
     """A dense matrix that is block-diagonal over ``blocks`` (one block per layer or parameter tensor),
-    damped per block in relative mode: block b gets alpha * scale_b (Martens & Grosse 2015, sec. 6.3;
-    kronfluence uses scale_b = the mean eigenvalue of layer b's approximation).
+    damped per block in relative mode: block b gets alpha * scale_b, one damping per layer as in EK-FAC
+    (George et al. 2018) and kronfluence, whose heuristic (when no damping is given) is 0.1 times the mean
+    eigenvalue of the module's approximation.
 
     Args:
         matrix: (p, p) float tensor, zero outside the blocks.
@@ -262,7 +268,7 @@ class DiagonalCurvature(Curvature):
         return self.d.numel() * self.d.element_size()
 
     def solve(self, v: torch.Tensor, damping: Damping) -> torch.Tensor:
-        v, damping = self._check(v, damping)
+        v, damping = self._check(v, damping, self.d.device)
         shifted = self.d + damping
         _check_invertible(self.name, shifted, damping)
         return v / (shifted if v.dim() == 1 else shifted[:, None])
@@ -271,8 +277,8 @@ class DiagonalCurvature(Curvature):
 class IdentityCurvature(DiagonalCurvature):
     """C = I: influence reduces to the (scaled) gradient dot product -g_test^T g_i / (1 + damping)."""
 
-    def __init__(self, p: int, name: str = "identity"):
-        super().__init__(torch.ones(p, dtype=torch.float64), name)
+    def __init__(self, p: int, name: str = "identity", device: torch.device | str = "cpu"):
+        super().__init__(torch.ones(p, dtype=torch.float64, device=device), name)
 
 
 def empirical_fisher(grads: torch.Tensor, lengths: torch.Tensor, name: str = "EF") -> DenseCurvature:
@@ -287,7 +293,7 @@ def empirical_fisher(grads: torch.Tensor, lengths: torch.Tensor, name: str = "EF
     """
     check_dense_fits(grads.shape[1], 2, grads.device)
     g = grads.double()
-    return DenseCurvature((g * lengths.double()[:, None]).T @ g / len(g), name)
+    return DenseCurvature((g * lengths.double().to(g.device)[:, None]).T @ g / len(g), name)
 
 
 def token_empirical_fisher(token_grads: torch.Tensor, lengths: torch.Tensor, name: str = "EF (token)") -> DenseCurvature:
@@ -342,7 +348,7 @@ class LowRankCurvature(Curvature):
 
     def eigvalsh(self) -> torch.Tensor:
         """Eigenvalues of U^T U (r x r, the same nonzero spectrum), padded with p - r zeros."""
-        gram = torch.linalg.eigvalsh(self.factor.T @ self.factor).clamp(min=0)
+        gram = torch.linalg.eigvalsh(self.factor.T @ self.factor)
         zeros = gram.new_zeros(max(self.p - len(gram), 0))
         return torch.cat([zeros, gram]).sort().values[-self.p :]
 
@@ -351,7 +357,7 @@ class LowRankCurvature(Curvature):
 
     def solve(self, v: torch.Tensor, damping: Damping) -> torch.Tensor:
         """Raises: ValueError: damping not a positive float (Woodbury needs lambda > 0)."""
-        v, damping = self._check(v, damping)
+        v, damping = self._check(v, damping, self.factor.device)
         if torch.is_tensor(damping) or not damping > 0:
             raise ValueError(f"{self.name}: the Woodbury solve needs a positive scalar damping, got {_describe(damping)}")
         u = self.factor
@@ -470,7 +476,7 @@ def hessian_and_ggn(
     weights = torch.ones(n, dtype=theta.dtype, device=theta.device) if weights is None else weights.to(theta)
     W, bias = loss.dense("decoder.weight", theta), loss.dense("decoder.bias", theta)
     hess = torch.zeros(p, p, dtype=torch.float64, device=W.device)
-    ggn, ef = torch.zeros_like(hess), torch.zeros_like(hess)
+    ggn, ef = torch.zeros_like(hess), torch.zeros_like(hess) if token_ef else None
     theta_l0 = theta[lpos]
 
     def hidden(theta_l, inputs):
@@ -486,7 +492,8 @@ def hessian_and_ggn(
     )
     progress = (cache.get("progress") if cache else None) or {"chunks": 0}
     if progress["chunks"]:
-        hess, ggn, ef = progress["hess"].to(hess), progress["ggn"].to(ggn), progress["ef"].to(ef)
+        hess, ggn = progress["hess"].to(hess), progress["ggn"].to(ggn)
+        ef = progress["ef"].to(hess) if token_ef else None
     for j, (idx, inputs, targets, mask) in enumerate(loss.batches(sentences, chunk_size, "exact Hessian and GGN")):
         if j < progress["chunks"]:
             continue
@@ -512,7 +519,8 @@ def hessian_and_ggn(
             g[:, dpos] = (r[mask][:, rows] * _features(h[mask], feats)).double()
             ef += (g * w[mask].double()[:, None]).T @ g
         if cache:
-            cache.put("progress", {"chunks": j + 1, "hess": hess.cpu(), "ggn": ggn.cpu(), "ef": ef.cpu()})
+            cache.put("progress", {"chunks": j + 1, "hess": hess.cpu(), "ggn": ggn.cpu(),
+                                   **({"ef": ef.cpu()} if token_ef else {})})
     for m in (hess, ggn):
         m[dpos[:, None], lpos] = m[lpos[:, None], dpos].T
     out = (DenseCurvature(hess / n, "Hessian"), DenseCurvature(ggn / n, "GGN (true Fisher, closed form)"))

@@ -164,7 +164,8 @@ class SubsetLoss:
         frozen weights, or None when ``cache_dir`` is None."""
         if cache_dir is None:
             return None
-        return ChunkCache(cache_dir, {**description, "subset": self.subset.to_dict()}, self.base, self.subset.indices, *parts)
+        return ChunkCache(cache_dir, {**description, "subset": self.subset.to_dict(), "eos_id": self.eos_id}, self.base,
+                          self.subset.indices, *parts)
 
     def logits(
         self, theta: torch.Tensor, inputs: torch.Tensor, return_hidden: bool = False, gate_shift: torch.Tensor | None = None

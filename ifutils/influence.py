@@ -37,32 +37,23 @@ def influence(train_grads: torch.Tensor, test_grads: torch.Tensor, curvature: Cu
     if train_grads.shape[1] != test_grads.shape[1]:
         raise ValueError(f"train gradients have p={train_grads.shape[1]}, test gradients p={test_grads.shape[1]}")
     # Solve for the few test gradients, then one product with all training gradients.
-    return -(train_grads.double() @ curvature.solve(test_grads.double().T, damping))
-
-
-def relative_damping(curvature: Curvature, alpha: float):
-    """Damping alpha * trace(C) / p, the scale-free choice (kronfluence's default uses alpha = 0.1);
-    per block for block-structured curvatures (:meth:`~ifutils.curvature.Curvature.relative_damping`).
-
-    Raises:
-        ValueError: ``alpha < 0``, or the mean eigenvalue is not positive, so no relative scale exists.
-    """
-    return curvature.relative_damping(alpha)
+    return -(train_grads.double() @ curvature.solve(test_grads.double().T, damping).to(train_grads.device))
 
 
 def self_influence(train_grads: torch.Tensor, curvature: Curvature, damping) -> torch.Tensor:
     """g_i^T (C + damping I)^{-1} g_i per training sample (Koh & Liang 2017, sec. 5.4: large values flag
     mislabelled or atypical samples). Returns (n_train,) float64; raises like :func:`influence`."""
     g = train_grads.double()
-    return (g * curvature.solve(g.T, damping).T).sum(1)
+    return (g * curvature.solve(g.T, damping).T.to(g.device)).sum(1)
 
 
 def gradient_similarity(train_grads: torch.Tensor, test_grads: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
     """Hessian-free pairwise scores, in the sign convention of :func:`influence` (positive = harmful).
 
     ``"dot"``: -g_test^T g_train, TracIn at the last checkpoint up to the learning rate (Pruthi et al. 2020,
-    eq. 3), i.e. influence with C = I and no damping. ``"cosine"``: -cos(g_test, g_train), the gradient cosine
-    of Chhabra et al. 2024 (Outlier Gradient Analysis, arXiv 2405.03869, sec. 4) and of Barshan et al. 2020.
+    eq. 3), i.e. influence with C = I and no damping. ``"cosine"``: -cos(g_test, g_train), the gradient-cosine
+    similarity (Charpiat et al. 2019; "GC" in Hanawa et al. 2021), a Hessian-free baseline of the kind Chhabra
+    et al. 2024 (Outlier Gradient Analysis, arXiv 2405.03869) compare against.
 
     Args:
         train_grads: (n_train, p); test_grads: (n_test, p) per-sample gradients (nats/token).

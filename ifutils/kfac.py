@@ -6,15 +6,18 @@ delta_t = d(sentence NLL)/d s_t. Treating the time steps of a sentence as indepe
 options of Martens, Ba, Johnson (ICLR 2018, sec. 3.1, "independent time steps"), the GGN/true-Fisher block
 of W is approximated by (Martens & Grosse 2015, eq. 1-2)
 
-    F_W ~ A (x) G,   A = sum_t w_t a_t a_t^T,   G = sum_t w_t E_y[delta_t delta_t^T],   w_t = 1 / (n T_i),
+    F_W ~ G (x) A,   A = sum_t w_t a_t a_t^T,   G = sum_t w_t E_y[delta_t delta_t^T],   w_t = 1 / (n T_i),
 
 so that sum_t w_t = 1 and the scale matches the mean-token-loss objective (``ifutils.curvature``). W's
-coordinates are ordered row-major, vec(W)[r * d_in + c] = W[r, c], so F_W[(r, c), (r', c')] ~ G[r, r'] A[c, c'].
-Biases form their own block with a_t = 1 (A = [[1]]).
+coordinates are ordered row-major, vec(W)[r * d_in + c] = W[r, c], hence G (x) A: F_W[(r, c), (r', c')] ~
+G[r, r'] A[c, c'] (Martens & Grosse write A (x) G for the column-major vec). Biases form their own block with
+a_t = 1 (A = [[1]]): the weight-bias cross terms are dropped, where Martens & Grosse append a constant 1 to a_t
+instead.
 
 * ``labels="model"`` (true Fisher): for the decoder E_y[delta delta^T] = diag(p_t) - p_t p_t^T in closed form;
   for the LSTM gates delta_t is back-propagated from labels drawn from the model, ``mc_samples`` draws.
-* ``labels="data"``: the real labels (empirical-Fisher KFAC).
+* ``labels="data"``: the real labels (empirical-Fisher KFAC). Its G is then a token-level EF factor while the
+  EK-FAC eigenvalues are fitted to sentence-level gradients, as EK-FAC prescribes for its examples.
 
 EK-FAC (George, Laurent, Bouthillier, Ballas, Vincent 2018, eq. 8-10) keeps the eigenbasis
 Q = Q_G (x) Q_A of the KFAC factors and re-fits the eigenvalues to the per-example (per-sentence) gradients
@@ -22,7 +25,7 @@ S_i = sum_t delta_t a_t^T: Lambda*[k, l] = (1/n) sum_i (1/T_i) E_y[(Q_G^T S_i Q_
 with model labels the expectation is exact: sum_t w_t (q_k^T Lambda_t q_k) (q'_l^T a_t)^2.
 
 Only the rows R and columns C of W touched by the parameter subset enter: the factors are G[R, R] and
-A[C, C]. A principal sub-matrix of A (x) G on a row/column grid is A[C, C] (x) G[R, R], so KFAC restricted
+A[C, C]. A principal sub-matrix of G (x) A on a row/column grid is G[R, R] (x) A[C, C], so KFAC restricted
 to the subset is exactly the full-layer KFAC restricted. EK-FAC is that of the sub-layer W[R, C] (its
 eigenbasis is that of the restricted factors), restricted to the subset.
 """
@@ -90,13 +93,19 @@ class LayerFactors:
         return sum(t.numel() * t.element_size() for t in (self.A, self.G, self.eigenvalues) if t is not None)
 
 
-def _layers(loss: SubsetLoss) -> list[LayerFactors]:
+def uncovered_tensors(loss: SubsetLoss) -> list[str]:
+    """Subset tensors KFAC does not cover (it covers the decoder and the last LSTM layer); empty when it covers all."""
     last = loss.model.config.num_layers - 1
     supported = {f"lstm.{k}_l{last}" for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
     supported |= {"decoder.weight", "decoder.bias"}
-    unknown = [n for n in loss.blocks() if n not in supported]
+    return [n for n in loss.blocks() if n not in supported]
+
+
+def _layers(loss: SubsetLoss) -> list[LayerFactors]:
+    unknown = uncovered_tensors(loss)
     if unknown:
-        raise ValueError(f"KFAC covers {sorted(supported)}; the subset also holds {unknown}. Drop them from the subset")
+        raise ValueError(f"KFAC covers the decoder and the last LSTM layer; the subset also holds {unknown}. "
+                         f"Drop them from the subset")
     layers = []
     for name, positions in loss.blocks().items():
         idx, base = loss.indices[name].cpu(), loss.base[name]
@@ -119,7 +128,7 @@ def token_signals(
     Returns:
         dict of (B, L, .) tensors: ``x`` last-layer inputs, ``h_prev`` h_{t-1} (zero at t = 0), ``h`` states,
         ``probs`` softmax, ``delta_logits`` = probs - onehot(targets), and with ``need_gates``
-        ``delta_gates`` = d(sentence NLL)/d(gate pre-activations) (4H), zero at padding.
+        ``delta_gates`` = d(sentence NLL)/d(gate pre-activations) (4H); both deltas are zero at padding.
     """
     model, deltas = loss.model, loss.deltas(theta)
     with torch.no_grad():
@@ -194,8 +203,9 @@ def fit_kfac(
         stored = _accumulate(loss, sentences, layers, labels, mc_samples, seed, chunk_size, theta, "KFAC factors")
         if cache:
             cache.put("factors", stored)
+    device = theta.device  # the cache holds CPU tensors
     for layer in layers:
-        layer.A, layer.G = stored[f"{layer.name}.A"], stored[f"{layer.name}.G"]
+        layer.A, layer.G = stored[f"{layer.name}.A"].to(device), stored[f"{layer.name}.G"].to(device)
     if ekfac:
         stored = cache.get("eigenvalues") if cache else None
         if stored is None:
@@ -203,7 +213,7 @@ def fit_kfac(
             if cache:
                 cache.put("eigenvalues", stored)
         for layer in layers:
-            layer.eigenvalues = stored[f"{layer.name}.eigenvalues"]
+            layer.eigenvalues = stored[f"{layer.name}.eigenvalues"].to(device)
     return layers
 
 
@@ -213,6 +223,7 @@ def _accumulate(loss, sentences, layers, labels, mc_samples, seed, chunk_size, t
     bases = {layer.name: layer.eigenbases() for layer in layers} if ekfac else {}
     need_gates = any(layer.name.startswith("lstm.") for layer in layers)
     draws = mc_samples if labels == "model" and need_gates else 1
+    sample = labels == "model" and need_gates  # the decoder's closed form needs no labels
     n = len(sentences)
     sums: dict[str, torch.Tensor] = {}
 
@@ -222,7 +233,7 @@ def _accumulate(loss, sentences, layers, labels, mc_samples, seed, chunk_size, t
     for j, (_, inputs, targets, mask) in enumerate(loss.batches(sentences, chunk_size, desc)):
         w = mask.double() / (n * mask.sum(-1, keepdim=True).double())  # 1 / (n T_i) at real tokens
         for d in range(draws):
-            if labels == "model":
+            if sample:
                 with torch.no_grad():
                     generator = torch.Generator().manual_seed(derive_seed(seed, d, j))
                     targets = sample_labels(loss.logits(theta, inputs), generator)
@@ -253,9 +264,9 @@ def _accumulate(loss, sentences, layers, labels, mc_samples, seed, chunk_size, t
 
 
 def kfac_curvature(layers: list[LayerFactors], p: int, name: str = "KFAC") -> "KroneckerCurvature":
-    """KFAC restricted to the subset: block-diagonal over layers, block l = A_l[C, C] (x) G_l[R, R] on the
+    """KFAC restricted to the subset: block-diagonal over layers, block l = G_l[R, R] (x) A_l[C, C] on the
     layer's coordinates. Relative damping is per layer: alpha * tr(A) tr(G) / (c r), the mean eigenvalue of
-    A (x) G (Martens & Grosse 2015, sec. 6.3; kronfluence's default alpha = 0.1).
+    G (x) A (one damping per layer as kronfluence, whose heuristic without a given damping is alpha = 0.1).
 
     Args:
         layers: fitted factors (:func:`fit_kfac`); p: subset size.
@@ -268,7 +279,7 @@ def kfac_curvature(layers: list[LayerFactors], p: int, name: str = "KFAC") -> "K
 
 def ekfac_curvature(layers: list[LayerFactors], p: int, name: str = "EK-FAC") -> "KroneckerCurvature":
     """EK-FAC restricted to the subset (module docstring); per-layer relative damping alpha * mean(Lambda*_l),
-    the kronfluence default with alpha = 0.1.
+    kronfluence's heuristic (without a given damping) with alpha = 0.1.
 
     Raises:
         ValueError: the eigenvalues were not fitted (``fit_kfac(..., ekfac=True)``).
@@ -288,7 +299,7 @@ class KroneckerCurvature(BlockCurvature):
 
     def __init__(self, layers: list[LayerFactors], p: int, name: str, blocks: list[torch.Tensor], scales: list[float]):
         check_dense_fits(p, 2)
-        matrix = torch.zeros(p, p, dtype=torch.float64)
+        matrix = torch.zeros(p, p, dtype=torch.float64, device=layers[0].A.device)
         for layer, block in zip(layers, blocks):
             matrix[layer.positions[:, None], layer.positions] = block
         super().__init__(matrix, [layer.positions for layer in layers], name, scales)

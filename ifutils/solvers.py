@@ -585,15 +585,21 @@ class ArnoldiCurvature(Curvature):
         mv: C as a matvec. p: dimension. rank: Ritz pairs kept.
         complement: passed to :func:`arnoldi_solve` (True: exact for C of rank ``rank``; False: Schioppa et al.).
         name: label, default ``"Arnoldi (rank k)"``. num_iter, seed, tol: passed to :func:`arnoldi`.
+        trace: tr(C) if known, so that relative damping uses the operator's own scale trace(C) / p instead of
+            the sum of the kept Ritz values / p (which depends on the rank).
     Attributes:
         evals (rank,), evecs (p, rank), info: the result of :func:`arnoldi`.
     """
 
     def __init__(self, mv: MatVec, p: int, rank: int, complement: bool = True, name: str | None = None,
-                 num_iter: int | None = None, seed: int = 0, tol: float = 1e-6):
+                 num_iter: int | None = None, seed: int = 0, tol: float = 1e-6, trace: float | None = None):
         self.evals, self.evecs, self.info = arnoldi(mv, p, rank, num_iter, seed, tol)
-        self.p, self.complement = p, complement
+        self.p, self.complement, self._trace = p, complement, trace
         self.name = name or f"Arnoldi (rank {rank})"
+
+    def mean_eigenvalue(self) -> float:
+        """trace / p when ``trace`` was given, else the mean of :meth:`eigvalsh` (Ritz values and zeros)."""
+        return self._trace / self.p if self._trace is not None else super().mean_eigenvalue()
 
     @property
     def nbytes(self) -> int:
@@ -605,7 +611,7 @@ class ArnoldiCurvature(Curvature):
 
     def solve(self, v: torch.Tensor, damping: Damping) -> torch.Tensor:
         """:func:`arnoldi_solve`. Raises ValueError for a per-coordinate (tensor) damping."""
-        v, damping = self._check(v, damping)
+        v, damping = self._check(v, damping, self.evecs.device)
         return arnoldi_solve(self.evals, self.evecs, v, damping, self.complement)[0]
 
 
@@ -625,6 +631,6 @@ class DataInfCurvature(LowRankCurvature):
 
     def solve(self, v: torch.Tensor, damping: Damping) -> torch.Tensor:
         """:func:`datainf`. Raises ValueError for damping <= 0 or a per-coordinate (tensor) damping."""
-        v, damping = self._check(v, damping)
+        v, damping = self._check(v, damping, self.factor.device)
         u = self.factor.T * math.sqrt(self.factor.shape[1])
         return datainf(u, v, damping)[0]

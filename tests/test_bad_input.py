@@ -122,7 +122,7 @@ def test_empty_or_too_long_samples_are_named(length, text):
 
 def test_influence_refuses_non_finite_or_one_dimensional_gradients():
     from ifutils.curvature import IdentityCurvature
-    from ifutils.influence import influence, relative_damping
+    from ifutils.influence import influence
 
     good = torch.ones(3, 4)
     with pytest.raises(FloatingPointError, match="train_grads has NaN/Inf in rows \\[1\\]"):
@@ -130,4 +130,4 @@ def test_influence_refuses_non_finite_or_one_dimensional_gradients():
     with pytest.raises(ValueError, match="test_grads must be \\(n, p\\)"):
         influence(good, torch.ones(4), IdentityCurvature(4), 0.1)
     with pytest.raises(ValueError, match="alpha must be >= 0"):
-        relative_damping(IdentityCurvature(4), -1.0)
+        IdentityCurvature(4).relative_damping(-1.0)

@@ -9,7 +9,6 @@ from ifutils.influence import (
     gradient_similarity,
     influence,
     outlier_scores,
-    relative_damping,
     self_influence,
 )
 from ifutils.retrain import newton_solve
@@ -30,7 +29,7 @@ def test_influence_is_minus_test_gradient_times_inverse_times_train_gradient():
     g_train, g_test = torch.randn(10, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
     inv = torch.linalg.inv(c.matrix + 0.1 * torch.eye(6, dtype=torch.float64))
     torch.testing.assert_close(influence(g_train, g_test, c, 0.1), -(g_train @ inv @ g_test.T))
-    assert relative_damping(c, 0.1) == 0.1 * float(c.matrix.trace() / 6)
+    assert c.relative_damping(0.1) == 0.1 * float(c.matrix.trace() / 6)
 
 
 def test_leave_one_out_on_convex_decoder_slice_matches_exact_retraining():

@@ -4,6 +4,7 @@ over tokens and autograd gradients of the full weight matrices."""
 import pytest
 import torch
 
+from ifutils import kfac
 from ifutils.curvature import empirical_fisher, hessian_and_ggn
 from ifutils.data import make_batch
 from ifutils.grads import SubsetLoss, per_sample_grads, select_subset
@@ -103,7 +104,7 @@ def test_restricted_kfac_is_block_diagonal_and_per_layer_damped(model, sentences
     kfac = kfac_curvature(fit_kfac(loss, sentences, mc_samples=2, ekfac=False), 60)
     damping = kfac.relative_damping(0.1)
     for layer, scale in zip(kfac.layers, kfac.scales):
-        torch.testing.assert_close(scale, float(layer.A.trace() * layer.G.trace()) / layer.A.numel() ** 0.5 / len(layer.G))
+        torch.testing.assert_close(scale, float(torch.linalg.eigvalsh(torch.kron(layer.G, layer.A)).mean()))
         assert torch.all(damping[layer.positions] == 0.1 * scale)
     other = torch.ones(60, 60, dtype=torch.bool)
     for b in kfac.blocks:
@@ -118,9 +119,14 @@ def test_kfac_refuses_parameters_it_does_not_cover(model, sentences):
         fit_kfac(loss, sentences)
 
 
-def test_kfac_resumes_from_cache(model, sentences, tmp_path):
+def test_kfac_resumes_from_cache(model, sentences, tmp_path, monkeypatch):
     loss = make_loss(model, LAYERS, 60)
     first = fit_kfac(loss, sentences, mc_samples=2, cache_dir=tmp_path)
+
+    def fail(*args):
+        raise AssertionError("recomputed although cached")
+
+    monkeypatch.setattr(kfac, "_accumulate", fail)
     again = fit_kfac(loss, sentences, mc_samples=2, cache_dir=tmp_path)
     for a, b in zip(first, again):
         assert torch.equal(a.G, b.G) and torch.equal(a.eigenvalues, b.eigenvalues)
@@ -142,7 +148,26 @@ def test_kfac_gate_factor_with_sampled_labels_is_within_its_monte_carlo_bound(mo
         return delta.T @ delta / (len(sents) * len(sentence))
 
     mean, var = enumerate_labels(loss, sents, g_one)
-    k = 8
+    k = 1024  # the bound is then about 0.3 ||E G||_F: a wrong scale (G or 0 instead of E G) fails it
+    assert 100 * var / k < 0.1 * (mean**2).sum()
     est = fit_kfac(loss, sents, mc_samples=k, ekfac=False, seed=5)[0].G
     assert ((est - mean) ** 2).sum() <= 100 * var / k
     assert ((est - mean) ** 2).sum() > 0
+
+
+@pytest.mark.parametrize("names", [["decoder.weight"], ["decoder.bias"], ["decoder.weight", "decoder.bias"]])
+def test_decoder_ekfac_eigenvalues_are_the_exact_label_expectation(model, names):
+    """With model labels the decoder's EK-FAC eigenvalues are an exact expectation over labels (module
+    docstring): compare with enumerating every label sequence of multi-token sentences."""
+    loss = make_loss(model, names, 12)
+    sents = random_sentences(3, 13, max_len=2, seed=4)
+    layers = fit_kfac(loss, sents)
+    for layer in layers:
+        q_g, q_a = layer.eigenbases()
+
+        def projected(sentence, labels, layer=layer, q_g=q_g, q_a=q_a):
+            grad = full_weight_grad(model, layer.name, sentence, labels[None])[layer.out_rows][:, layer.in_cols]
+            return (q_g.T @ grad @ q_a) ** 2 / (len(sents) * len(sentence))
+
+        mean, _ = enumerate_labels(loss, sents, projected)
+        torch.testing.assert_close(layer.eigenvalues, mean, rtol=1e-9, atol=1e-18)

@@ -42,7 +42,7 @@ def test_notebooks_write_figures_and_results(smoke_run):
     assert curvatures == {
         "Hessian", "GGN (true Fisher, closed form)", "true Fisher (MC, k=2)", "EF", "EF (token)", "Hessian (diag)",
         "GGN (true Fisher, closed form) (diag)", "EF (diag)", "KFAC", "EK-FAC", "EF (Woodbury)",
-        "Hessian (Arnoldi, r=8)", "Hessian (CG)", "Hessian (LiSSA)", "EF (DataInf)", "identity (gradient dot product)",
+        "Hessian (Arnoldi, r=8, Schioppa)", "Hessian (Arnoldi, r=8, + complement)", "Hessian (CG)", "Hessian (LiSSA)", "EF (DataInf)", "identity (gradient dot product)",
         "gradient cosine"}
     assert [e["curvature"] for e in inf["comparison"]] == list(dict.fromkeys(r["curvature"] for r in inf["agreement"]))
     for entry in inf["comparison"]:

@@ -5,7 +5,7 @@ import torch
 
 from ifutils.curvature import DenseCurvature, empirical_fisher, hessian_and_ggn
 from ifutils.data import make_batch
-from ifutils.influence import influence, relative_damping
+from ifutils.influence import influence
 from ifutils.solvers import (
     ArnoldiCurvature,
     DataInfCurvature,
@@ -247,7 +247,7 @@ def test_operator_curvature_trace_and_errors():
     std = (2 * (off**2).sum() / 2000).sqrt()  # Hutchinson's standard error with Rademacher probes
     assert abs(hutchinson_trace(matvec(a), 30, probes=2000) - a.trace()) < 4 * std
     operator = OperatorCurvature(matvec(a), 30, "A", probes=2000)
-    assert relative_damping(operator, 0.1) == pytest.approx(0.1 * float(a.trace()) / 30, rel=0.05)
+    assert operator.relative_damping(0.1) == pytest.approx(0.1 * float(a.trace()) / 30, rel=0.05)
     with pytest.raises(NotImplementedError, match="form the matrix"):
         operator.eigvalsh()
     with pytest.raises(TypeError, match="scale"):

@@ -12,6 +12,7 @@ from ifutils.study import (
     damping_sweep,
     format_comparison,
     hessian_free_scores,
+    matrix_errors,
 )
 
 from .conftest import random_sentences, subset_loss
@@ -30,7 +31,8 @@ def test_every_curvature_is_built_and_compared(model):
     rows = damping_sweep(g_train, g_test, curvatures, config, hessian_free_scores(g_train, g_test))
     table = {e["curvature"]: e for e in comparison_table(rows, curvatures, timer, config.default_damping)}
     # the exact solvers reproduce the Hessian wherever H + lambda I is positive definite
-    for name in ("Hessian (CG)", "Hessian (Arnoldi, r=20)", "Hessian (LiSSA)"):
+    for name in ("Hessian (CG)", "Hessian (Arnoldi, r=20, Schioppa)", "Hessian (Arnoldi, r=20, + complement)",
+                 "Hessian (LiSSA)"):
         for r in rows:
             if r["curvature"] == name and not r["reference_indefinite"] and r["mode"] == "absolute":
                 assert r["spearman"] > 0.999, (name, r)
@@ -41,4 +43,28 @@ def test_every_curvature_is_built_and_compared(model):
     assert table["GGN (true Fisher, closed form)"]["best"]["spearman"] == max(r["spearman"] for r in ggn)
     assert table["Hessian"]["shared_with"] == ["GGN (true Fisher, closed form)", "EF (token)"]
     assert "gradient cosine" in format_comparison(list(table.values()))
+    errors = matrix_errors(curvatures)
+    assert errors[REFERENCE][REFERENCE] == 0 and errors["GGN (true Fisher, closed form)"]["GGN (true Fisher, closed form)"] == 0
+    g = curvatures["GGN (true Fisher, closed form)"].matrix
+    off_diagonal = g - torch.diag(g.diagonal())  # what the diagonal approximation drops
+    torch.testing.assert_close(errors["GGN (true Fisher, closed form) (diag)"]["GGN (true Fisher, closed form)"],
+                               float(off_diagonal.norm() / g.norm()))
+    assert "Hessian (CG)" not in errors
     assert torch.isfinite(torch.tensor([e["default"]["spearman"] for e in table.values()])).all()
+
+
+def test_multi_tensor_subset_gets_block_rows_and_reports_missing_relative_scales(model):
+    """The mixed subset holds embedding rows (no KFAC) and a Hessian block with negative mean curvature:
+    KFAC is skipped, block-diagonal curvatures appear, and a relative damping that does not exist gives a
+    NaN row carrying the reason instead of stopping the sweep."""
+    loss = subset_loss(model, "mixed")
+    train, test = random_sentences(12, 13, seed=1), random_sentences(3, 13, seed=2)
+    config = InfluenceConfig(num_coords=40, n_hessian=8, n_train=12, n_test=3, mc_samples=2, top_k=3, arnoldi_rank=8,
+                             lissa_depth=200, dtype="float64", absolute_dampings=(1e-1,), relative_alphas=(1.0,),
+                             default_damping=1e-1)
+    g_train, g_test = per_sample_grads(loss, train, desc=None), per_sample_grads(loss, test, desc=None)
+    curvatures = build_curvatures(loss, train[:8], g_train[:8], config, StageTimer())
+    assert "KFAC" not in curvatures and "Hessian (block-diag)" in curvatures
+    rows = damping_sweep(g_train, g_test, curvatures, config)
+    failed = [r for r in rows if r["mode"] == "relative" and r["curvature"] == "Hessian (block-diag)"]
+    assert failed and failed[0]["spearman"] != failed[0]["spearman"] and "mean eigenvalue" in failed[0]["warnings"][0]

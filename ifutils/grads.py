@@ -187,8 +187,10 @@ class SubsetLoss:
         """Yield (indices, inputs, targets, mask) for length-bucketed chunks of ``sentences``, on device.
 
         Raises:
-            ValueError: a sample is empty or longer than ``max_len`` (the message names it).
+            ValueError: no samples, or a sample is empty or longer than ``max_len`` (the message names it).
         """
+        if not len(sentences):
+            raise ValueError("no samples were given; pass at least one sentence")
         lengths = [len(s) for s in sentences]
         bad = [i for i, n in enumerate(lengths) if not 1 <= n <= self.max_len]
         if bad:

@@ -28,21 +28,28 @@ def influence(train_grads: torch.Tensor, test_grads: torch.Tensor, curvature: Cu
         ValueError: gradients not 2-D, mismatched p, ``damping < 0``, or a singular damped curvature.
         FloatingPointError: NaN or Inf in the gradients (the message names the rows).
     """
-    for name, g in (("train_grads", train_grads), ("test_grads", test_grads)):
+    _check_grads(train_grads, test_grads)
+    # Solve for the few test gradients, then one product with all training gradients.
+    return -(train_grads.double() @ curvature.solve(test_grads.double().T, damping).to(train_grads.device))
+
+
+def _check_grads(train_grads: torch.Tensor, test_grads: torch.Tensor | None = None) -> None:
+    """(n, p) gradients, finite, with the same p: else ValueError / FloatingPointError naming the problem."""
+    pairs = [("train_grads", train_grads)] + ([("test_grads", test_grads)] if test_grads is not None else [])
+    for name, g in pairs:
         if g.dim() != 2:
             raise ValueError(f"{name} must be (n, p), got shape {tuple(g.shape)}; use g[None] for one sample")
         bad = (~torch.isfinite(g).all(dim=1)).nonzero().flatten().tolist()
         if bad:
             raise FloatingPointError(f"{name} has NaN/Inf in rows {bad[:20]}")
-    if train_grads.shape[1] != test_grads.shape[1]:
+    if test_grads is not None and train_grads.shape[1] != test_grads.shape[1]:
         raise ValueError(f"train gradients have p={train_grads.shape[1]}, test gradients p={test_grads.shape[1]}")
-    # Solve for the few test gradients, then one product with all training gradients.
-    return -(train_grads.double() @ curvature.solve(test_grads.double().T, damping).to(train_grads.device))
 
 
 def self_influence(train_grads: torch.Tensor, curvature: Curvature, damping) -> torch.Tensor:
     """g_i^T (C + damping I)^{-1} g_i per training sample (Koh & Liang 2017, sec. 5.4: large values flag
     mislabelled or atypical samples). Returns (n_train,) float64; raises like :func:`influence`."""
+    _check_grads(train_grads)
     g = train_grads.double()
     return (g * curvature.solve(g.T, damping).T.to(g.device)).sum(1)
 
@@ -64,6 +71,7 @@ def gradient_similarity(train_grads: torch.Tensor, test_grads: torch.Tensor, kin
     """
     if kind not in ("dot", "cosine"):
         raise ValueError(f"kind must be 'dot' or 'cosine', got {kind!r}")
+    _check_grads(train_grads, test_grads)
     a, b = train_grads.double(), test_grads.double()
     if kind == "cosine":
         norms = [(name, g.norm(dim=1)) for name, g in (("train", a), ("test", b))]
@@ -87,6 +95,7 @@ def outlier_scores(train_grads: torch.Tensor, seed: int = 0) -> dict[str, torch.
     """
     from sklearn.ensemble import IsolationForest
 
+    _check_grads(train_grads)
     g = train_grads.double()
     forest = IsolationForest(random_state=seed).fit(g.cpu().numpy())
     return {

@@ -584,7 +584,8 @@ class ArnoldiCurvature(Curvature):
     Args:
         mv: C as a matvec. p: dimension. rank: Ritz pairs kept.
         complement: passed to :func:`arnoldi_solve` (True: exact for C of rank ``rank``; False: Schioppa et al.).
-        name: label, default ``"Arnoldi (rank k)"``. num_iter, seed, tol: passed to :func:`arnoldi`.
+        name: label, default ``"Arnoldi (rank k)"``. num_iter, seed, tol: passed to :func:`arnoldi` (``num_iter``
+            defaults to min(p, 2 rank) iterations; raise it when pairs are reported unresolved).
         trace: tr(C) if known, so that relative damping uses the operator's own scale trace(C) / p instead of
             the sum of the kept Ritz values / p (which depends on the rank).
     Attributes:

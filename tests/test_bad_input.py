@@ -131,3 +131,49 @@ def test_influence_refuses_non_finite_or_one_dimensional_gradients():
         influence(good, torch.ones(4), IdentityCurvature(4), 0.1)
     with pytest.raises(ValueError, match="alpha must be >= 0"):
         IdentityCurvature(4).relative_damping(-1.0)
+
+
+def test_curvature_inputs_are_checked():
+    import warnings
+
+    from ifutils.curvature import (
+        DenseCurvature,
+        DiagonalCurvature,
+        LowRankCurvature,
+        empirical_fisher,
+    )
+    from ifutils.influence import gradient_similarity, self_influence
+
+    nan = float("nan")
+    with pytest.raises(FloatingPointError, match="rows \\[2\\]"):
+        DiagonalCurvature(torch.tensor([1.0, 2.0, nan]), "d")
+    with pytest.raises(FloatingPointError, match="rows \\[0\\]"):
+        LowRankCurvature(torch.tensor([[nan, 1.0], [1.0, 1.0]]), "u")
+    with pytest.raises(ValueError, match="square"):
+        DenseCurvature(torch.ones(3, 2), "rect")
+    # exactly singular once damped, although Cholesky may not notice
+    c = DenseCurvature(torch.diag(torch.tensor([-1.0, 2.0, 3.0], dtype=torch.float64)), "h")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="singular"):
+            c.solve(torch.ones(3), 1.0)
+    with pytest.warns(UserWarning, match="not positive definite"):
+        DiagonalCurvature(torch.tensor([-1.0, 2.0]), "d").solve(torch.ones(2), 0.5)
+    with pytest.raises(ValueError, match="shape \\(p,\\)"):
+        c.solve(torch.ones(3), torch.ones(2))
+    g = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="lengths must be a \\(4,\\) tensor"):
+        empirical_fisher(g, [1, 2, 3, 4])
+    with pytest.raises(ValueError, match="must be \\(n, p\\)"):
+        self_influence(g[0], c, 1.0)
+    with pytest.raises(ValueError, match="p=3, test gradients p=2"):
+        gradient_similarity(g, torch.ones(2, 2, dtype=torch.float64))
+
+
+def test_no_sentences_is_refused(model):
+    from ifutils.curvature import hessian_and_ggn
+
+    from .conftest import subset_loss
+
+    with pytest.raises(ValueError, match="no samples"):
+        hessian_and_ggn(subset_loss(model, "recurrent"), [])

@@ -198,32 +198,34 @@ def fit_kfac(
     layers = _layers(loss)
     cache = loss.cache(cache_dir, {"stage": "KFAC", "labels": labels, "mc_samples": mc_samples, "seed": seed,
                                    "chunk_size": chunk_size}, theta, sentences)
-    stored = cache.get("factors") if cache else None
-    if stored is None:
-        stored = _accumulate(loss, sentences, layers, labels, mc_samples, seed, chunk_size, theta, "KFAC factors")
-        if cache:
-            cache.put("factors", stored)
-    device = theta.device  # the cache holds CPU tensors
-    for layer in layers:
-        layer.A, layer.G = stored[f"{layer.name}.A"].to(device), stored[f"{layer.name}.G"].to(device)
-    if ekfac:
-        stored = cache.get("eigenvalues") if cache else None
+
+    def run_pass(name: str, ekfac_pass: bool) -> dict[str, torch.Tensor]:
+        stored = cache.get(name) if cache else None
         if stored is None:
-            stored = _accumulate(loss, sentences, layers, labels, mc_samples, seed, chunk_size, theta, "EK-FAC eigenvalues")
+            desc = "EK-FAC eigenvalues" if ekfac_pass else "KFAC factors"
+            stored = _accumulate(loss, sentences, layers, labels, mc_samples, seed, chunk_size, theta, ekfac_pass, desc)
             if cache:
-                cache.put("eigenvalues", stored)
+                cache.put(name, stored)
+        return {k: v.to(theta.device) for k, v in stored.items()}  # the cache holds CPU tensors
+
+    factors = run_pass("factors", ekfac_pass=False)
+    for layer in layers:
+        layer.A, layer.G = factors[f"{layer.name}.A"], factors[f"{layer.name}.G"]
+    if ekfac:
+        eigenvalues = run_pass("eigenvalues", ekfac_pass=True)
         for layer in layers:
-            layer.eigenvalues = stored[f"{layer.name}.eigenvalues"].to(device)
+            layer.eigenvalues = eigenvalues[f"{layer.name}.eigenvalues"]
     return layers
 
 
-def _accumulate(loss, sentences, layers, labels, mc_samples, seed, chunk_size, theta, desc) -> dict[str, torch.Tensor]:
-    """One pass: the factors A and G when the layers have none yet, else the EK-FAC eigenvalues."""
-    ekfac = layers[0].A is not None
+def _accumulate(
+    loss, sentences, layers, labels, mc_samples, seed, chunk_size, theta, ekfac: bool, desc: str
+) -> dict[str, torch.Tensor]:
+    """One pass: the factors A and G, or with ``ekfac`` the EK-FAC eigenvalues in the factors' eigenbases."""
     bases = {layer.name: layer.eigenbases() for layer in layers} if ekfac else {}
     need_gates = any(layer.name.startswith("lstm.") for layer in layers)
-    draws = mc_samples if labels == "model" and need_gates else 1
     sample = labels == "model" and need_gates  # the decoder's closed form needs no labels
+    draws = mc_samples if sample else 1
     n = len(sentences)
     sums: dict[str, torch.Tensor] = {}
 

@@ -386,14 +386,3 @@ def format_comparison(table: list[dict]) -> str:
                  "overlaps; best damping = the curvature's damping tuned against the exact answer (an upper bound); * = time of a pass shared with others; (block-)diagonals: extraction time "
                  "only, add the dense parent's")
     return "\n".join(lines)
-
-
-def format_table(rows: list[dict], metrics: tuple[str, ...] = ("pearson", "spearman", "kendall", "top_k_harmful",
-                                                              "top_k_helpful", "sign_agreement")) -> str:
-    """Plain-text table of sweep rows, one line per (curvature, mode, value)."""
-    head = f"{'curvature':34s} {'mode':8s} {'value':>8s} {'damping':>9s} " + " ".join(f"{m[:9]:>9s}" for m in metrics)
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['curvature']:34s} {r['mode']:8s} {r['value']:8.0e} {r['damping']:9.2e} "
-                     + " ".join(f"{r[m]:9.3f}" for m in metrics))
-    return "\n".join(lines)

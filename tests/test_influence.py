@@ -11,7 +11,7 @@ from ifutils.influence import (
     outlier_scores,
     self_influence,
 )
-from ifutils.retrain import newton_solve
+from ifutils.groundtruth import newton_solve
 
 from .conftest import random_sentences, subset_loss, tiny_model
 

@@ -82,15 +82,25 @@ def default_subset(model: LSTMLM, kind: str = "recurrent", num_coords: int = 512
     Hessian equals the true Fisher (Martens 2020, sec. 9.2), a sanity check. ``"lstm+decoder"``: an equal
     share (up to one) of ``num_coords`` from each of the last layer's ``weight_ih`` and ``weight_hh`` and
     ``decoder.weight``, so that block-diagonal and per-layer (KFAC) approximations differ from the full matrix.
+    ``"input"``: random coordinates of the last layer's input-to-hidden ``weight_ih``. ``"embedding"``: random
+    coordinates of the embedding rows of the ceil(num_coords / min(16, E)) most frequent words (vocabulary ids are
+    sorted by training count), so that most sentences touch them.
 
     Raises:
         ValueError: unknown ``kind`` (the message lists the valid ones), or too few/many coordinates.
     """
     last = model.config.num_layers - 1
-    names = {"recurrent": [f"lstm.weight_hh_l{last}"], "decoder": ["decoder.weight"],
+    if kind == "embedding":  # rows 0..R-1 are the R most frequent words (Vocabulary.from_counts), flat [0, R E)
+        width = model.config.emb_dim
+        rows = min(model.config.vocab_size, max(1, -(-num_coords // min(16, width))))
+        if not 1 <= num_coords <= rows * width:
+            raise ValueError(f"num_coords={num_coords} must be in [1, {rows * width}] for the embedding subset")
+        chosen = torch.randperm(rows * width, generator=torch.Generator().manual_seed(seed))[:num_coords].sort().values
+        return ParamSubset(["embedding.weight"], {"embedding.weight": chosen})
+    names = {"recurrent": [f"lstm.weight_hh_l{last}"], "input": [f"lstm.weight_ih_l{last}"], "decoder": ["decoder.weight"],
              "lstm+decoder": [f"lstm.weight_ih_l{last}", f"lstm.weight_hh_l{last}", "decoder.weight"]}
     if kind not in names:
-        raise ValueError(f"unknown subset kind {kind!r}; choose one of {', '.join(names)}")
+        raise ValueError(f"unknown subset kind {kind!r}; choose one of {', '.join(names)}, embedding")
     if len(names[kind]) == 1:
         return select_subset(model, names[kind], num_coords, seed)
     if num_coords < len(names[kind]):
@@ -133,6 +143,16 @@ class SubsetLoss:
         self.theta0 = torch.cat([self.base[n].flatten()[self.indices[n]] for n in subset.names])
         split = [len(self.indices[n]) for n in subset.names]
         self._offsets = dict(zip(subset.names, torch.tensor([0] + split).cumsum(0).tolist()))
+
+    def at(self, theta: torch.Tensor, dtype: torch.dtype | None = None) -> "SubsetLoss":
+        """The same loss with its frozen model's subset coordinates set to ``theta`` (so ``theta0 = theta``), in
+        ``dtype`` (default this loss's): every curvature and gradient built from it is evaluated at ``theta``,
+        e.g. at the re-solved point theta*_S of :mod:`ifutils.groundtruth`."""
+        model = copy.deepcopy(self.model)
+        with torch.no_grad():
+            for name in self.subset.names:
+                dict(model.named_parameters())[name].copy_(self.dense(name, theta))
+        return SubsetLoss(model, self.subset, self.eos_id, dtype or self.theta0.dtype, self.max_len)
 
     def _part(self, theta: torch.Tensor, name: str) -> torch.Tensor:
         start = self._offsets[name]

@@ -119,3 +119,116 @@ def spectra(eigenvalues: dict[str, torch.Tensor], label: str, path: str | os.Pat
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return save(fig, path)
+
+
+def retrain_deltas(results: dict, label: str, path: str | os.PathLike, split: str = "valid") -> plt.Figure:
+    """Change of validation perplexity after removing each method's top k% and retraining
+    (:func:`ifutils.retrain.retrain_check`): bar = mean over seeds of ppl(removed) - ppl(full), error bar = its
+    seed-to-seed std, dots = single seeds; the grey band is +- the full-data perplexity's seed-to-seed std, the
+    noise floor a change must clear (Basu et al. 2021). Below zero: the removal helped."""
+    methods = list(results["methods"])
+    fig, ax = plt.subplots(figsize=(1.1 * len(methods) + 2.5, 3.8))
+    floor = results["noise_floor"][split]
+    ax.axhspan(-floor, floor, color="0.85", label=f"full-data seed std (+-{floor:.2f})")
+    for k, m in enumerate(methods):
+        entry = results["methods"][m][split]
+        ax.bar(k, entry["mean"], color=f"C{k}", alpha=0.7, yerr=entry["std"] or 0, capsize=4)
+        ax.plot([k] * len(entry["per_seed"]), list(entry["per_seed"].values()), "k.", ms=5)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(range(len(methods)), methods)
+    ax.set(ylabel=f"delta perplexity ({split})",
+           title=f"{label}: retrained without the top {results['config']['percent']:g}% "
+                 f"({results['n_removed']} sentences), {len(results['config']['seeds'])} seeds")
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    return save(fig, path)
+
+
+def spectrum_scaling(rows: list[dict], label: str, path: str | os.PathLike) -> plt.Figure:
+    """Log-log scaling with the width M of m = tr(C)/P, s = tr(C^2)/P and lambda_max (Karakida et al. 2019,
+    Theorem 1: O(1/M), O(1) and O(M)), one line per curvature (colour) and state (solid trained, dashed init),
+    its least-squares slope in log-log in the legend; the grey line is the theory's slope. Error bars: +-2 standard
+    errors of the Hutchinson estimates. Non-positive values (an indefinite Hessian's mean) are left out.
+
+    Args:
+        rows: dicts with ``width``, ``state`` ("init"/"trained"), ``curvature`` and the statistics of
+            :func:`ifutils.spectrum.spectrum_stats`.
+    """
+    panels = [("mean", "m = tr(C) / P", -1), ("second_moment", "s = tr(C^2) / P", 0), ("lambda_max", "lambda_max", 1)]
+    curvatures = sorted({r["curvature"] for r in rows}, key=["F", "H", "EF"].index)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, (key, title, theory) in zip(axes, panels):
+        for c, curv in enumerate(curvatures):
+            for state, style in (("init", "--"), ("trained", "-")):
+                pts = sorted((r["width"], r[key], r.get(f"{key}_se", 0.0)) for r in rows
+                             if r["curvature"] == curv and r["state"] == state and r[key] > 0)
+                if not pts:
+                    continue
+                w, y, se = map(np.array, zip(*pts))
+                slope = f", slope {np.polyfit(np.log(w), np.log(y), 1)[0]:+.2f}" if len(pts) > 1 else ""
+                ax.errorbar(w, y, yerr=2 * se, fmt="o" + style, color=f"C{c}", ms=4, capsize=3,
+                            label=f"{curv} {state}{slope}")
+        ref = [r[key] for r in rows if r[key] > 0]
+        if ref:
+            w = np.array(sorted({r["width"] for r in rows}), dtype=float)
+            anchor = np.exp(np.mean(np.log(ref)))
+            ax.plot(w, anchor * (w / w[0]) ** theory, color="0.6", lw=2, alpha=0.6, label=f"theory slope {theory:+d}")
+        ax.set(xscale="log", yscale="log", xlabel="width M (hidden = embedding)", title=title)
+        ax.set_xticks(sorted({r["width"] for r in rows}), [str(m) for m in sorted({r["width"] for r in rows})])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # only the widths as tick labels
+        ax.legend(fontsize=6.5)
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle(f"{label}: whole-network curvature spectrum vs width (F = true Fisher = GGN, H = Hessian, "
+                 f"EF = empirical Fisher)", fontsize=10)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def retraining_scatter(predicted: dict[str, torch.Tensor], actual: torch.Tensor, label: str,
+                       path: str | os.PathLike) -> plt.Figure:
+    """Predicted (first-order, -I_i / n) against actual leave-one-out change of each test loss, one panel per
+    curvature, every (removal, test sentence) pair a point, with the line y = x. Units: nats per token."""
+    fig, axes = plt.subplots(1, len(predicted), figsize=(3.4 * len(predicted), 3.4), squeeze=False)
+    y = actual.double().flatten().cpu().numpy()
+    for ax, (name, pred) in zip(axes[0], predicted.items()):
+        x = pred.double().flatten().cpu().numpy()
+        ax.scatter(x, y, s=3, alpha=0.4)
+        lim = max(abs(x).max(), abs(y).max())
+        ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.8)
+        ax.set(xlabel="predicted change (nats/token)", title=name)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("actual change after re-solve")
+    fig.suptitle(label, fontsize=9)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def sweep_with_ci(rows: list[dict], x: str, metric: str, label: str, path: str | os.PathLike,
+                  xscale: str = "log", xlabel: str | None = None, categorical: bool = False) -> plt.Figure:
+    """``metric`` against setting ``x`` for each curvature, with its 95 % bootstrap interval as a band.
+
+    Args:
+        rows: dicts with ``curvature``, ``x``'s key, ``metric`` and ``metric + "_ci"`` = (low, high).
+        categorical: ``x`` values are labels (seeds, subsets), drawn at evenly spaced positions in row order.
+    """
+    fig, ax = plt.subplots(figsize=(8.5, 4.4))
+    levels = list(dict.fromkeys(r[x] for r in rows))
+    for k, name in enumerate(dict.fromkeys(r["curvature"] for r in rows)):
+        mine = [r for r in rows if r["curvature"] == name]
+        mine = mine if categorical else sorted(mine, key=lambda r: r[x])
+        xs = [levels.index(r[x]) if categorical else r[x] for r in mine]
+        color = plt.cm.tab20(k % 20)
+        ax.plot(xs, [r[metric] for r in mine], marker="os^vD<>ph*"[k % 10], color=color, label=name, ms=4, lw=1)
+        ax.fill_between(xs, [r[metric + "_ci"][0] for r in mine], [r[metric + "_ci"][1] for r in mine],
+                        color=color, alpha=0.15)
+    if categorical:
+        ax.set_xticks(range(len(levels)), [str(v) for v in levels])
+    else:
+        ax.set_xscale(xscale)
+    ax.set(xlabel=xlabel or x, ylabel=metric)
+    ax.set_title(label, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    return save(fig, path)

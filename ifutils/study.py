@@ -136,7 +136,7 @@ def choose_samples(corpus: Corpus, config: InfluenceConfig) -> dict[str, list[to
 
 def build_curvatures(
     loss: SubsetLoss, sentences: list[torch.Tensor], train_grads_h: torch.Tensor, config: InfluenceConfig,
-    timer: StageTimer, cache_dir: str | None = None,
+    timer: StageTimer, cache_dir: str | None = None, solvers: bool = True,
 ) -> dict[str, Curvature]:
     """Every curvature of the comparison, all from the same n_H sentences, each timed under ``"curvature: <name>"``.
 
@@ -157,11 +157,12 @@ def build_curvatures(
     Args:
         train_grads_h: (n_H, p) per-sample gradients of those sentences (reused by the EF).
         cache_dir: where the long stages save their chunks, so that a killed run resumes.
+        solvers: False leaves out the Woodbury EF, the iHVP solvers and DataInf (the robustness sweeps, which
+            compare the curvature matrices themselves).
     Returns:
         name -> Curvature, the Hessian first.
     """
     from .kfac import ekfac_curvature, fit_kfac, kfac_curvature, uncovered_tensors
-    from .solvers import ArnoldiCurvature, DataInfCurvature, OperatorCurvature
 
     out: dict[str, Curvature] = {}
 
@@ -192,7 +193,17 @@ def build_curvatures(
         print(f"KFAC and EK-FAC skipped: they do not cover {uncovered}")
     else:
         add("KFAC + EK-FAC", kronecker)
-    if len(sentences) < hess.p:
+    if solvers:
+        _add_solvers(add, out, hess, train_grads_h, lengths, config)
+    add("identity", lambda: IdentityCurvature(hess.p, "identity (gradient dot product)", hess.matrix.device))
+    return out
+
+
+def _add_solvers(add, out, hess, train_grads_h, lengths, config) -> None:
+    """The Woodbury EF, CG, LiSSA, Arnoldi and DataInf of :func:`build_curvatures`."""
+    from .solvers import ArnoldiCurvature, DataInfCurvature, OperatorCurvature
+
+    if len(train_grads_h) < hess.p:
         add("EF (Woodbury)", lambda: LowRankCurvature.empirical_fisher(train_grads_h, lengths))
     matvec, trace = (lambda v: hess.matrix @ v.to(hess.matrix.device)), float(hess.matrix.trace())
     rank = min(config.arnoldi_rank, hess.p)
@@ -205,8 +216,6 @@ def build_curvatures(
     add("Hessian (LiSSA)", lambda: OperatorCurvature(matvec, hess.p, "Hessian (LiSSA)", method="lissa", trace=trace,
                                                      scale=scale, depth=config.lissa_depth))
     add("EF (DataInf)", lambda: DataInfCurvature(train_grads_h, lengths))
-    add("identity", lambda: IdentityCurvature(hess.p, "identity (gradient dot product)", hess.matrix.device))
-    return out
 
 
 def matrix_errors(curvatures: dict[str, Curvature], references: tuple[str, ...] = (REFERENCE, GGN)) -> dict[str, dict]:

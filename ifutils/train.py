@@ -28,6 +28,9 @@ class TrainConfig:
         clip: gradient-norm clipping threshold.
         seed: seeds initialisation, batch order and dropout.
         max_train_sentences: train on the first N sentences only (smoke runs); None for all.
+        keep_epochs: also keep a copy of the checkpoint after every epoch k, ``<stem>_epoch<k>.pt`` beside it
+            (early, middle and final models for robustness sweeps). It does not change training, so it is not
+            compared when resuming, and checkpoints written before it existed still resume.
     """
 
     epochs: int = 5
@@ -36,6 +39,7 @@ class TrainConfig:
     clip: float = 1.0
     seed: int = 0
     max_train_sentences: int | None = None
+    keep_epochs: bool = False
 
     def __post_init__(self):
         validate_fields(self)
@@ -75,7 +79,8 @@ def train_language_model(
     After each epoch the checkpoint at ``checkpoint_path`` is rewritten atomically with weights,
     optimiser and RNG state and the history; an existing checkpoint for the same configuration is
     resumed from its last finished epoch (so a killed run loses at most one epoch); asking for more
-    epochs than a finished checkpoint has extends it.
+    epochs than a finished checkpoint has extends it. With ``config.keep_epochs`` each epoch k is also saved,
+    atomically and before the main checkpoint (so a resumed run never skips one), to ``<stem>_epoch<k><suffix>``.
 
     Returns:
         (model in eval mode, history) where history holds one dict per epoch with
@@ -92,8 +97,9 @@ def train_language_model(
     history: list[dict] = []
     if Path(checkpoint_path).is_file():
         _, _, payload = load_checkpoint(checkpoint_path, device)
-        saved = {**payload["model_config"], **{k: v for k, v in payload["train_config"].items() if k != "epochs"}}
-        wanted = {**model_config.to_dict(), **{k: v for k, v in asdict(config).items() if k != "epochs"}}
+        unchecked = ("epochs", "keep_epochs")  # neither changes the weights of the epochs already trained
+        saved = {**payload["model_config"], **{k: v for k, v in payload["train_config"].items() if k not in unchecked}}
+        wanted = {**model_config.to_dict(), **{k: v for k, v in asdict(config).items() if k not in unchecked}}
         differ = [f"{k}={saved.get(k)!r}" for k in wanted if saved.get(k) != wanted[k]]
         if differ:
             raise ValueError(
@@ -135,9 +141,11 @@ def train_language_model(
             for group in optimizer.param_groups:
                 group["lr"] = lr / 2
         tqdm.write(f"epoch {epoch + 1}: train loss {history[-1]['train_loss']:.3f}, valid ppl {valid_ppl:.1f}")
-        save_checkpoint(
-            checkpoint_path, model, corpus.vocab, train_config=asdict(config), optimizer=optimizer.state_dict(),
-            rng_state=torch.get_rng_state(), history=history, dataset=corpus.name, window=corpus.window,
-        )
+        state = {"train_config": asdict(config), "optimizer": optimizer.state_dict(), "rng_state": torch.get_rng_state(),
+                 "history": history, "dataset": corpus.name, "window": corpus.window}
+        if config.keep_epochs:
+            path = Path(checkpoint_path)
+            save_checkpoint(path.with_name(f"{path.stem}_epoch{epoch + 1}{path.suffix}"), model, corpus.vocab, **state)
+        save_checkpoint(checkpoint_path, model, corpus.vocab, **state)
     model.eval()
     return model, history

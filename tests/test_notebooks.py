@@ -23,7 +23,8 @@ def smoke_run(request, tmp_path_factory):
     papermill.execute_notebook(
         "fisher_if.ipynb", str(out / "fisher.ipynb"), progress_bar=False,
         parameters={**common, "num_coords": 24, "n_hessian": 20, "n_train": 60, "n_test": 3, "mc_samples": 2,
-                    "mc_error_ks": [1, 2], "arnoldi_rank": 8, "lissa_depth": 300},
+                    "mc_error_ks": [1, 2], "arnoldi_rank": 8, "lissa_depth": 300, "gt_n": 16, "gt_damping": 0.05,
+                    "gt_loo": 6, "gt_groups": 4, "gt_group_size": 3, "gt_lds_subsets": 6, "gt_fd_samples": 1},
     )
     return dataset, out
 
@@ -32,7 +33,8 @@ def test_notebooks_write_figures_and_results(smoke_run):
     dataset, out = smoke_run
     figures = sorted(p.name for p in (out / "figures").iterdir())
     assert figures == [f"{dataset}_{name}.png"
-                       for name in ("correlation_vs_damping", "mc_fisher_error", "scatter", "spectra", "training")]
+                       for name in ("correlation_vs_damping", "mc_fisher_error", "retraining_scatter", "retraining_vs_damping",
+                                  "scatter", "spectra", "training")]
     results = json.loads((out / "results.json").read_text())
     assert results["training"]["valid_ppl"] > 1
     assert results["training"]["data_label"] == results["influence"]["data_label"] == LABELS[dataset]
@@ -54,6 +56,11 @@ def test_notebooks_write_figures_and_results(smoke_run):
     assert all(r["spearman"] > 0.999 for r in inf["agreement"] if r["curvature"] == "Hessian")
     assert set(inf["dampings"]) == {"absolute", "relative_alphas"}
     assert "curvature: Hessian + GGN + EF (token)" in inf["seconds"] and "Hessian" in inf["spectra"]
+    gt = results["ground_truth"]
+    assert gt["reference_solve"]["grad_norm"] <= gt["config"]["tol"] and len(gt["loo_samples"]) == 6
+    exact = gt["agreement"]["Hessian"]
+    assert exact["leave-one-out"]["pearson"] > 0.9 and set(exact) == {"leave-one-out", "leave-k-out", "LDS"}
+    assert all(r["relative_error"] < 1e-2 for r in gt["finite_differences"])
 
 
 def test_figures_are_labelled_with_the_data(smoke_run):

@@ -92,3 +92,21 @@ train.train_language_model(toy_corpus(), ModelConfig(12, 8, 8, dropout=0.2), tra
     full, _ = train_language_model(toy_corpus(), cfg, train_cfg, tmp_path / "full.pt")
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_keep_epochs_writes_one_loadable_checkpoint_per_epoch(tmp_path):
+    corpus, cfg = toy_corpus(), ModelConfig(12, 8, 8)
+    train_language_model(corpus, cfg, TrainConfig(epochs=1, batch_size=8), tmp_path / "ck.pt")
+    assert not list(tmp_path.glob("ck_epoch*"))  # off by default
+    payload = torch.load(tmp_path / "ck.pt", weights_only=True)
+    del payload["train_config"]["keep_epochs"]  # a checkpoint from before the option existed still resumes
+    torch.save(payload, tmp_path / "ck.pt")
+    model, _ = train_language_model(corpus, cfg, TrainConfig(epochs=3, batch_size=8, keep_epochs=True), tmp_path / "ck.pt")
+    assert sorted(p.name for p in tmp_path.glob("ck_epoch*")) == ["ck_epoch2.pt", "ck_epoch3.pt"]
+    second, _, second_payload = load_checkpoint(tmp_path / "ck_epoch2.pt")
+    last, _, _ = load_checkpoint(tmp_path / "ck_epoch3.pt")
+    assert len(second_payload["history"]) == 2
+    for a, b, c in zip(model.state_dict().values(), last.state_dict().values(), second.state_dict().values()):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, c) for a, c in zip(model.state_dict().values(), second.state_dict().values()))
+    assert not list(tmp_path.glob("*.tmp"))

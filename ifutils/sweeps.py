@@ -1,0 +1,116 @@
+"""Robustness of the Fisher-vs-Hessian verdict: the same comparison repeated while one setting changes.
+
+Each setting (a model seed, a training checkpoint, a parameter subset, a hidden width, the number of sentences a
+curvature is estimated from, the number of Monte Carlo label draws) gives one row per curvature: its influence's
+Pearson and Spearman correlation with exact-Hessian influence (means over test sentences, the protocol of
+:func:`ifutils.evaluate.agreement`), each with a bootstrap 95 % interval over test sentences, at one absolute damping
+shared by the curvature and the reference H + lambda I. Rows whose reference is indefinite are flagged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from .curvature import Curvature, mc_true_fisher
+from .grads import SubsetLoss, default_subset, per_sample_grads
+from .groundtruth import bootstrap_ci, column_correlation
+from .influence import influence
+from .study import (
+    REFERENCE,
+    InfluenceConfig,
+    StageTimer,
+    build_curvatures,
+    spectrum_summary,
+)
+
+SHOWN = (REFERENCE, "GGN (true Fisher, closed form)", "EF", "EF (token)", "Hessian (diag)",
+         "GGN (true Fisher, closed form) (diag)", "KFAC", "EK-FAC", "identity (gradient dot product)")
+"""Curvatures kept in the sweeps (the Monte Carlo Fisher is added under its own name)."""
+
+
+def agreement_with_ci(reference: torch.Tensor, scores: torch.Tensor, seed: int = 0, resamples: int = 1000) -> dict:
+    """Pearson and Spearman correlation of ``scores`` with ``reference`` ((n_train, n_test) influence matrices),
+    per test column then averaged, with percentile-bootstrap 95 % intervals over test columns."""
+    ref, est = reference.double().cpu().numpy(), scores.double().cpu().numpy()
+    out = {}
+    for kind in ("pearson", "spearman"):
+        per_column = np.array([column_correlation(ref[:, [j]], est[:, [j]], kind) for j in range(ref.shape[1])])
+        out[kind] = float(per_column.mean())
+        out[f"{kind}_ci"] = bootstrap_ci(lambda idx, v=per_column: float(v[idx].mean()), len(per_column), seed, resamples)
+    return out
+
+
+def curvature_rows(
+    curvatures: dict[str, Curvature], train_grads: torch.Tensor, test_grads: torch.Tensor, damping: float,
+    setting: dict, seed: int = 0, reference: Curvature | None = None,
+) -> list[dict]:
+    """One row per curvature: ``setting``'s fields, ``curvature``, ``damping``, ``reference_indefinite`` and
+    :func:`agreement_with_ci` against H + damping I (``reference``, default ``curvatures[REFERENCE]``)."""
+    hess = reference or curvatures[REFERENCE]
+    exact = influence(train_grads, test_grads, hess, damping)
+    indefinite = bool(float(hess.eigvalsh()[0]) + damping <= 0)
+    return [{**setting, "curvature": name, "damping": damping, "reference_indefinite": indefinite,
+             **agreement_with_ci(exact, influence(train_grads, test_grads, c, damping), seed)}
+            for name, c in curvatures.items()]
+
+
+def _keep(curvatures: dict[str, Curvature]) -> dict[str, Curvature]:
+    return {n: c for n, c in curvatures.items() if n in SHOWN or n.startswith("true Fisher (MC")}
+
+
+def setting_rows(
+    model, eos_id: int, samples: dict, config: InfluenceConfig, setting: dict, cache_dir=None,
+) -> tuple[list[dict], dict]:
+    """The comparison for one model and subset (``config.subset``): rows of :func:`curvature_rows` at
+    ``config.default_damping`` and the eigenvalue statistics (:func:`~ifutils.study.spectrum_summary`) of H and the
+    GGN, with the damping that maximises each curvature's Spearman correlation over ``config.absolute_dampings``
+    (reference fixed at the default damping) for relating it to those statistics (Karakida et al. 2019)."""
+    subset = default_subset(model, config.subset, config.num_coords, config.seed)
+    loss = SubsetLoss(model, subset, eos_id, getattr(torch, config.dtype))
+    train = per_sample_grads(loss, samples["train"], config.chunk_size, cache_dir=cache_dir, desc=None)
+    test = per_sample_grads(loss, samples["test"], config.chunk_size, cache_dir=cache_dir, desc=None)
+    curvatures = _keep(build_curvatures(loss, samples["hessian"], train[: config.n_hessian], config, StageTimer(),
+                                        cache_dir, solvers=False))
+    rows = curvature_rows(curvatures, train, test, config.default_damping, setting, config.seed)
+    exact = influence(train, test, curvatures[REFERENCE], config.default_damping)
+    best = {}
+    for name, c in curvatures.items():
+        spearman = {d: column_correlation(exact, influence(train, test, c, d), "spearman")
+                    for d in config.absolute_dampings}
+        best[name] = max(spearman, key=spearman.get)
+    stats = {name: spectrum_summary(curvatures[name]) for name in SHOWN[:2]}
+    return rows, {"spectra": stats, "best_damping": best}
+
+
+def estimation_rows(
+    loss: SubsetLoss, samples: dict, config: InfluenceConfig, counts: tuple[int, ...], mc_draws: tuple[int, ...],
+    cache_dir=None,
+) -> dict[str, list[dict]]:
+    """How many sentences and Monte Carlo label draws a curvature needs, and how the damping matters.
+
+    The reference is H from all n_H sentences (``samples["hessian"]``).
+    Returns:
+        ``"sentences"``: every curvature estimated from the first m sentences, m in ``counts``, at the default
+        damping; ``"mc_draws"``: the Monte Carlo true Fisher from k draws per position, k in ``mc_draws``;
+        ``"damping"``: every curvature and the reference damped alike by each of ``config.absolute_dampings``.
+    """
+    train = per_sample_grads(loss, samples["train"], config.chunk_size, cache_dir=cache_dir, desc=None)
+    test = per_sample_grads(loss, samples["test"], config.chunk_size, cache_dir=cache_dir, desc=None)
+    full = _keep(build_curvatures(loss, samples["hessian"], train[: config.n_hessian], config, StageTimer(), cache_dir,
+                                  solvers=False))
+    reference, damping = full[REFERENCE], config.default_damping
+    out = {"sentences": [], "mc_draws": [], "damping": []}
+    for m in counts:
+        part = full if m == config.n_hessian else _keep(build_curvatures(
+            loss, samples["hessian"][:m], train[:m], dataclasses.replace(config, n_hessian=m), StageTimer(), cache_dir,
+            solvers=False))
+        out["sentences"] += curvature_rows(part, train, test, damping, {"sentences": m}, config.seed, reference)
+    for k in mc_draws:
+        mc = mc_true_fisher(loss, samples["hessian"], k, config.seed, config.chunk_size, cache_dir)
+        out["mc_draws"] += curvature_rows({mc.name: mc}, train, test, damping, {"mc_draws": k}, config.seed, reference)
+    for d in config.absolute_dampings:
+        out["damping"] += curvature_rows(full, train, test, d, {"lambda": d}, config.seed)
+    return out

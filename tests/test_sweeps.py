@@ -1,0 +1,52 @@
+"""Robustness sweeps on a tiny model: rows carry the setting, the reference agrees with itself, CIs bracket."""
+
+import torch
+
+from ifutils.grads import default_subset
+from ifutils.study import REFERENCE, InfluenceConfig
+from ifutils.sweeps import agreement_with_ci, estimation_rows, setting_rows
+
+from .conftest import EOS, random_sentences, subset_loss
+
+
+def _setup(model):
+    train, test = random_sentences(12, 13, seed=1), random_sentences(4, 13, seed=2)
+    config = InfluenceConfig(num_coords=20, n_hessian=8, n_train=12, n_test=4, mc_samples=2, top_k=3, dtype="float64",
+                             absolute_dampings=(1e-3, 1e-1), default_damping=1e-1)
+    return {"train": train, "hessian": train[:8], "test": test}, config
+
+
+def test_agreement_with_itself_is_one_and_intervals_bracket_the_mean():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(30, 5, generator=g, dtype=torch.float64)
+    same = agreement_with_ci(ref, ref)
+    assert abs(same["spearman"] - 1) < 1e-12 and abs(same["pearson"] - 1) < 1e-12
+    noisy = agreement_with_ci(ref, ref + torch.randn(30, 5, generator=g, dtype=torch.float64), resamples=300)
+    assert noisy["spearman_ci"][0] <= noisy["spearman"] <= noisy["spearman_ci"][1] < 1
+
+
+def test_setting_rows_compare_every_kept_curvature_with_the_hessian(model):
+    samples, config = _setup(model)
+    rows, extra = setting_rows(model, EOS, samples, config, {"seed": 7})
+    names = {r["curvature"] for r in rows}
+    assert {REFERENCE, "EF", "KFAC", "true Fisher (MC, k=2)"} <= names and "Hessian (CG)" not in names
+    assert all(r["seed"] == 7 for r in rows)
+    assert next(r for r in rows if r["curvature"] == REFERENCE)["spearman"] > 0.999
+    assert extra["best_damping"][REFERENCE] in (1e-3, 1e-1) and "mean" in extra["spectra"][REFERENCE]
+
+
+def test_estimation_rows_use_fewer_sentences_and_draws(model):
+    samples, config = _setup(model)
+    out = estimation_rows(subset_loss(model, "recurrent"), samples, config, counts=(4, 8), mc_draws=(1, 3))
+    assert sorted({r["sentences"] for r in out["sentences"]}) == [4, 8]
+    # with all n_H sentences, the Hessian row is the reference itself
+    assert next(r for r in out["sentences"] if r["sentences"] == 8 and r["curvature"] == REFERENCE)["spearman"] > 0.999
+    assert {r["curvature"] for r in out["mc_draws"]} == {"true Fisher (MC, k=1)", "true Fisher (MC, k=3)"}
+    assert sorted({r["lambda"] for r in out["damping"]}) == [1e-3, 1e-1]
+
+
+def test_embedding_subset_takes_rows_of_the_most_frequent_words(model):
+    subset = default_subset(model, "embedding", num_coords=20, seed=0)
+    rows = subset.indices["embedding.weight"] // model.config.emb_dim
+    assert subset.size == 20 and int(rows.max()) < 4  # ceil(20 / min(16, E=5)) = 4 rows
+    assert default_subset(model, "input", 20).names == ["lstm.weight_ih_l0"]

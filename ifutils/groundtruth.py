@@ -403,10 +403,11 @@ def retrain_all(
 
 def _noise_floor(objective, theta_star, newton_matrix, measure, config) -> torch.Tensor:
     base = measure(theta_star)
-    grads = objective.value_and_grad  # the Newton step of a removal is (1/n) M^{-1} g_i: its median norm
-    sample_grads = [grads(theta_star, _one_hot_weights(objective, i))[1] - grads(theta_star, objective.ones())[1]
-                    for i in range(min(10, objective.n))]
-    scale = float(np.median([float(_positive_definite_solve(newton_matrix, g.double()).norm()) for g in sample_grads]))
+    # the Newton step of removing i is (1/n) M^{-1} g_i = M^{-1} (grad J_w - grad J_1) with w_i = 2: its median norm
+    at_one = objective.value_and_grad(theta_star, objective.ones())[1]
+    steps = [_positive_definite_solve(newton_matrix, (objective.value_and_grad(theta_star, _doubled(objective, i))[1]
+                                                      - at_one).double()) for i in range(min(10, objective.n))]
+    scale = float(np.median([float(step.norm()) for step in steps]))
     generator = torch.Generator().manual_seed(config.seed + 3)
     out = []
     for _ in range(config.noise_repeats):
@@ -416,9 +417,9 @@ def _noise_floor(objective, theta_star, newton_matrix, measure, config) -> torch
     return torch.stack(out).double()
 
 
-def _one_hot_weights(objective, i: int) -> torch.Tensor:
+def _doubled(objective, i: int) -> torch.Tensor:
     weights = objective.ones()
-    weights[i] = 2.0  # grad J_w - grad J_1 = (1/n) g_i
+    weights[i] = 2.0
     return weights
 
 

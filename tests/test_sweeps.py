@@ -50,3 +50,19 @@ def test_embedding_subset_takes_rows_of_the_most_frequent_words(model):
     rows = subset.indices["embedding.weight"] // model.config.emb_dim
     assert subset.size == 20 and int(rows.max()) < 4  # ceil(20 / min(16, E=5)) = 4 rows
     assert default_subset(model, "input", 20).names == ["lstm.weight_ih_l0"]
+
+
+def test_findings_tables_report_slopes_and_seed_spread(tmp_path):
+    import json
+
+    from ifutils.findings import findings
+
+    entries = {f"h{m}/init/F": {"width": m, "state": "init", "curvature": "F", "mean": 3.0 / m, "second_moment": 2.0,
+                                "lambda_max": 0.5 * m} for m in (64, 128, 256)}
+    (tmp_path / "spectrum.json").write_text(json.dumps({"entries": entries}))
+    (tmp_path / "retrain_check.json").write_text(json.dumps({
+        "n_removed": 5, "noise_floor": {"valid": 0.4}, "full": {"valid": {"mean": 150.0}},
+        "methods": {"GGN": {"valid": {"mean": -1.0, "std": 0.2, "per_seed": {"0": -1.2, "1": -0.8}}}}}))
+    text = findings(tmp_path, "missing", ())
+    assert "m -1.00 (theory -1), s +0.00 (0), lambda_max +1.00 (+1)" in text
+    assert "150.00 +- 0.40" in text and "GGN        delta ppl  -1.000 +- 0.200" in text

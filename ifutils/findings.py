@@ -1,0 +1,108 @@
+"""Plain-text tables of the study's results files, for the notebook's Findings section and the README.
+
+Each function reads one results section as written by the code that produced it (``results/<tag>.json``
+``ground_truth``, ``results/robustness.json``, ``results/retrain_check.json``, ``results/spectrum.json``) and returns
+a table; :func:`findings` joins the tables of the files that exist, so the section runs at any stage of the study.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def _ci(metric: dict, key: str) -> str:
+    low, high = metric[f"{key}_ci"]
+    return f"{metric[key]:6.3f} [{low:6.3f}, {high:6.3f}]"
+
+
+def ground_truth_table(gt: dict) -> str:
+    """Every curvature's agreement with the subset re-solves: leave-one-out Pearson and Spearman, leave-k-out
+    Pearson and LDS, each with its bootstrap 95 % interval; then the noise floor and the finite-difference check."""
+    c = gt["config"]
+    lines = [f"re-solves: n={c['n']}, lambda={c['damping']:g}, {c['n_loo']} leave-one-out, {c['n_groups']} groups of "
+             f"{c['group_size']}, LDS M={c['lds_subsets']} beta={c['lds_fraction']}; tol {c['tol']:g}",
+             f"{'curvature':40s} {'LOO Pearson':>24s} {'LOO Spearman':>24s} {'leave-k Pearson':>24s} {'LDS':>24s}"]
+    for name, m in gt["agreement"].items():
+        if "error" in m:
+            lines.append(f"{name:40s} {m['error'][:80]}")
+            continue
+        lines.append(f"{name:40s} {_ci(m['leave-one-out'], 'pearson')} {_ci(m['leave-one-out'], 'spearman')} "
+                     f"{_ci(m['leave-k-out'], 'pearson')} {_ci(m['LDS'], 'spearman')}")
+    floor = gt["noise_floor"]
+    lines.append(f"noise floor: {floor['max_abs']:.1e} nats/token against a median |LOO change| of "
+                 f"{floor['median_abs_loo']:.1e} (ratio {floor['ratio']:.0e})")
+    errors = [r["relative_error"] for r in gt["finite_differences"]]
+    lines.append(f"up-weighting finite differences vs exact-Hessian influence: relative error {min(errors):.1e} to "
+                 f"{max(errors):.1e} over {len(errors)} (sample, eps) pairs")
+    return "\n".join(lines)
+
+
+def robustness_table(robustness: dict, curvatures: tuple[str, ...]) -> str:
+    """Spearman with exact-Hessian influence [95 % CI] of ``curvatures`` at every setting of every sweep."""
+    lines = []
+    for sweep, section in robustness.items():
+        groups = ({k: section[k] for k in ("sentences", "mc_draws", "damping")} if sweep == "estimation"
+                  else {sweep: [r for p in section["points"].values() for r in p["rows"]]})
+        for name, rows in groups.items():
+            field = next(k for k in rows[0] if k not in _ROW_KEYS) if rows else None
+            lines.append(f"-- {name} (by {field})")
+            for r in rows:
+                if r["curvature"] in curvatures or name == "mc_draws":
+                    flag = "  (reference indefinite)" if r["reference_indefinite"] else ""
+                    lines.append(f"{str(r[field]):>10s}  {r['curvature']:40s} {_ci(r, 'spearman')}{flag}")
+    return "\n".join(lines)
+
+
+_ROW_KEYS = {"curvature", "damping", "reference_indefinite", "pearson", "pearson_ci", "spearman", "spearman_ci"}
+
+
+def retrain_table(retrain: dict) -> str:
+    """Change of validation perplexity after removing each method's top-k% and retraining: mean +- seed std."""
+    floor = retrain["noise_floor"]["valid"]
+    lines = [f"removed {retrain['n_removed']} sentences; full-data validation perplexity "
+             f"{retrain['full']['valid']['mean']:.2f} +- {floor:.2f} (seed-to-seed std, the noise floor)"]
+    for method, entry in retrain["methods"].items():
+        v = entry["valid"]
+        lines.append(f"{method:10s} delta ppl {v['mean']:+7.3f} +- {v['std']:.3f}  per seed "
+                     + ", ".join(f"{x:+.3f}" for x in v["per_seed"].values()))
+    return "\n".join(lines)
+
+
+def spectrum_table(spectrum: dict) -> str:
+    """m, s and lambda_max per width, state and curvature, and the fitted log-log slope in width of each."""
+    entries = list(spectrum["entries"].values())
+    lines = [f"{'width':>5s} {'state':8s} {'C':3s} {'mean m':>10s} {'s':>10s} {'lambda_max':>10s}"]
+    for e in sorted(entries, key=lambda e: (e["state"], e["curvature"], e["width"])):
+        lines.append(f"{e['width']:5d} {e['state']:8s} {e['curvature']:3s} {e['mean']:10.3e} {e['second_moment']:10.3e} "
+                     f"{e['lambda_max']:10.3e}")
+    for state in ("init", "trained"):
+        for curvature in ("F", "H", "EF"):
+            mine = sorted((e for e in entries if e["state"] == state and e["curvature"] == curvature),
+                          key=lambda e: e["width"])
+            if len(mine) >= 2:
+                slope = {k: np.polyfit(np.log([e["width"] for e in mine]), np.log(np.abs([e[k] for e in mine])), 1)[0]
+                         for k in ("mean", "second_moment", "lambda_max")}
+                lines.append(f"slopes in width, {state} {curvature}: m {slope['mean']:+.2f} (theory -1), s "
+                             f"{slope['second_moment']:+.2f} (0), lambda_max {slope['lambda_max']:+.2f} (+1)")
+    return "\n".join(lines)
+
+
+def findings(results_dir: str | os.PathLike, tag: str, curvatures: tuple[str, ...]) -> str:
+    """The tables of every results file present under ``results_dir``: ``<tag>.json``'s ground truth, the
+    robustness sweeps, the full-model retraining check and the spectrum statistics."""
+    root = Path(results_dir)
+    read = lambda name: json.loads((root / name).read_text()) if (root / name).is_file() else None  # noqa: E731
+    parts = []
+    if (main := read(f"{tag}.json")) and "ground_truth" in main:
+        parts.append("Ground truth by retraining the subset\n" + ground_truth_table(main["ground_truth"]))
+    if robustness := read("robustness.json"):
+        parts.append("Robustness sweeps (Spearman with exact-Hessian influence)\n" + robustness_table(robustness, curvatures))
+    if (retrain := read("retrain_check.json")) and retrain.get("methods"):
+        parts.append("Full-model retraining check\n" + retrain_table(retrain))
+    if (spectrum := read("spectrum.json")) and spectrum.get("entries"):
+        parts.append("Spectrum statistics (whole network)\n" + spectrum_table(spectrum))
+    return "\n\n".join(parts) or f"no results under {root} yet"

@@ -34,10 +34,12 @@ def ground_truth_table(gt: dict) -> str:
                      f"{_ci(m['leave-k-out'], 'pearson')} {_ci(m['LDS'], 'spearman')}")
     floor = gt["noise_floor"]
     lines.append(f"noise floor: {floor['max_abs']:.1e} nats/token against a median |LOO change| of "
-                 f"{floor['median_abs_loo']:.1e} (ratio {floor['ratio']:.0e})")
-    errors = [r["relative_error"] for r in gt["finite_differences"]]
-    lines.append(f"up-weighting finite differences vs exact-Hessian influence: relative error {min(errors):.1e} to "
-                 f"{max(errors):.1e} over {len(errors)} (sample, eps) pairs")
+                 f"{floor['median_abs_loo']:.1e} ({100 * floor['fraction_loo_below_floor']:.0f}% of LOO changes below "
+                 f"it); LDS: floor {floor['lds_floor']:.1e} against a median |change| of {floor['median_abs_lds']:.1e}")
+    for eps in dict.fromkeys(r["eps"] for r in gt["finite_differences"]):
+        errors = [r["relative_error"] for r in gt["finite_differences"] if r["eps"] == eps]
+        lines.append(f"up-weighting, eps={eps}: relative error of the finite difference against exact-Hessian "
+                     f"influence {min(errors):.1e} to {max(errors):.1e} over {len(errors)} samples")
     return "\n".join(lines)
 
 
@@ -45,7 +47,7 @@ def robustness_table(robustness: dict, curvatures: tuple[str, ...]) -> str:
     """Spearman with exact-Hessian influence [95 % CI] of ``curvatures`` at every setting of every sweep."""
     lines = []
     for sweep, section in robustness.items():
-        groups = ({k: section[k] for k in ("sentences", "mc_draws", "damping")} if sweep == "estimation"
+        groups = ({k: section[k] for k in ("sentences", "mc_draws", "damping") if k in section} if sweep == "estimation"
                   else {sweep: [r for p in section["points"].values() for r in p["rows"]]})
         for name, rows in groups.items():
             field = next(k for k in rows[0] if k not in _ROW_KEYS) if rows else None
@@ -65,10 +67,15 @@ def retrain_table(retrain: dict) -> str:
     floor = retrain["noise_floor"]["valid"]
     lines = [f"removed {retrain['n_removed']} sentences; full-data validation perplexity "
              f"{retrain['full']['valid']['mean']:.2f} +- {floor:.2f} (seed-to-seed std, the noise floor)"]
+    random = retrain["methods"].get("random", {}).get("valid", {}).get("per_seed", {})
     for method, entry in retrain["methods"].items():
         v = entry["valid"]
-        lines.append(f"{method:10s} delta ppl {v['mean']:+7.3f} +- {v['std']:.3f}  per seed "
-                     + ", ".join(f"{x:+.3f}" for x in v["per_seed"].values()))
+        line = (f"{method:10s} delta ppl {v['mean']:+7.3f} +- {v['std']:.3f}  per seed "
+                + ", ".join(f"{x:+.3f}" for x in v["per_seed"].values()))
+        paired = [v["per_seed"][s] - random[s] for s in v["per_seed"] if s in random]
+        if method != "random" and len(paired) > 1:  # same seed, same removal count: the paired control
+            line += f"; minus random, paired by seed: {np.mean(paired):+.3f} +- {np.std(paired, ddof=1):.3f}"
+        lines.append(line)
     return "\n".join(lines)
 
 

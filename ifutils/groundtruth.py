@@ -73,7 +73,8 @@ class SubsetObjective:
 @dataclass
 class Solution:
     """A re-solve's result: ``theta`` (p,), Newton ``iterations``, final ``grad_norm`` ||grad J||_2,
-    ``hessian_evaluations`` (exact Hessians formed) and ``newton_matrix`` (the last one used, damped)."""
+    ``hessian_evaluations`` (exact Hessians formed) and ``newton_matrix``, the last damped matrix used: formed at an
+    earlier iterate (or passed in), not the Hessian at ``theta``; influence at theta must use H(theta) itself."""
 
     theta: torch.Tensor
     iterations: int
@@ -171,8 +172,8 @@ def removal_effects(
     """Actual change of each measured quantity when each group of samples is removed (weights 0) and J re-solved.
 
     Args:
-        objective: as for :func:`newton_solve`; theta_star its stationary point at w = 1, newton_matrix its
-            damped Hessian there (every re-solve starts from theta_star with that matrix).
+        objective: as for :func:`newton_solve`; theta_star its stationary point at w = 1, newton_matrix the damped
+            Hessian H(theta_star) + lambda I (every re-solve starts from theta_star with that matrix).
         groups: sample indices removed together (one index: leave-one-out).
         measure: theta -> (m,) quantities, e.g. the test losses (:func:`sentence_losses`).
         tol: gradient-norm tolerance of each re-solve.
@@ -295,7 +296,8 @@ class GroundTruthConfig:
         fd_samples, epsilons: samples up-weighted by w_i = 1 +- eps for the finite-difference check.
         tol: ||grad J|| tolerance of the leave-one-out, leave-k-out and reference solves.
         fd_tol: the tighter tolerance of the finite-difference solves (the difference is divided by 2 eps).
-        lds_tol: tolerance of the LDS re-solves (subset effects are 100x a single removal's).
+        lds_tol: tolerance of the LDS re-solves; looser, as removing half the data moves theta far more than one
+            sentence does (the noise floor is measured at this tolerance too).
         noise_repeats: re-solves of the unchanged objective from perturbed starts (the noise floor).
         bootstrap: resamples of every confidence interval (95 %, percentile).
         seed: seeds every random choice.
@@ -338,23 +340,23 @@ class Retraining:
     """What the re-solves measured (all float64, nats per token of each test sentence).
 
     Attributes:
-        theta_star: (p,) stationary point of J at w = 1; reference: its :class:`Solution` statistics.
+        theta_star: (p,) stationary point of J at w = 1.
         loo_samples: (n_loo,) removed indices; loo: (n_loo, n_test) actual change of each test loss.
         groups, group_effects: leave-k-out groups and (n_groups, n_test) changes.
         lds_removed, lds_effects: the complement of each LDS subset and (M, n_test) changes.
-        noise: (noise_repeats, n_test) test-loss changes after re-solving the unchanged objective.
+        noise: {tolerance: (noise_repeats, n_test) test-loss changes after re-solving the unchanged objective from
+            perturbed starts}, at ``tol`` and ``lds_tol``.
         solves: per kind, the mean and max Newton iterations and exact Hessians formed.
     """
 
     theta_star: torch.Tensor
-    reference: dict
     loo_samples: list[int]
     loo: torch.Tensor
     groups: list[list[int]]
     group_effects: torch.Tensor
     lds_removed: list[list[int]]
     lds_effects: torch.Tensor
-    noise: torch.Tensor
+    noise: dict[float, torch.Tensor]
     solves: dict
 
 
@@ -392,16 +394,17 @@ def retrain_all(
     loo, loo_info = run([[i] for i in loo_samples], "leave-one-out", config.tol)
     group_effects, group_info = run(groups, "leave-k-out", config.tol)
     lds_effects, lds_info = run(lds_removed, "LDS", config.lds_tol)
-    noise = _noise_floor(objective, theta_star, newton_matrix, measure, config)
+    noise = {tol: _noise_floor(objective, theta_star, newton_matrix, measure, config, tol)
+             for tol in dict.fromkeys((config.tol, config.lds_tol))}
     solves = {name: {"iterations_mean": float(np.mean([i["iterations"] for i in info])),
                      "iterations_max": max(i["iterations"] for i in info),
                      "hessians_max": max(i["hessian_evaluations"] for i in info),
                      "grad_norm_max": max(i["grad_norm"] for i in info)}
               for name, info in (("leave-one-out", loo_info), ("leave-k-out", group_info), ("LDS", lds_info))}
-    return Retraining(theta_star, {}, loo_samples, loo, groups, group_effects, lds_removed, lds_effects, noise, solves)
+    return Retraining(theta_star, loo_samples, loo, groups, group_effects, lds_removed, lds_effects, noise, solves)
 
 
-def _noise_floor(objective, theta_star, newton_matrix, measure, config) -> torch.Tensor:
+def _noise_floor(objective, theta_star, newton_matrix, measure, config, tol) -> torch.Tensor:
     base = measure(theta_star)
     # the Newton step of removing i is (1/n) M^{-1} g_i = M^{-1} (grad J_w - grad J_1) with w_i = 2: its median norm
     at_one = objective.value_and_grad(theta_star, objective.ones())[1]
@@ -413,7 +416,7 @@ def _noise_floor(objective, theta_star, newton_matrix, measure, config) -> torch
     for _ in range(config.noise_repeats):
         direction = torch.randn(len(theta_star), generator=generator, dtype=torch.float64).to(theta_star)
         start = theta_star + scale * direction / direction.norm()
-        out.append(measure(newton_solve(objective, None, start, newton_matrix, config.tol).theta) - base)
+        out.append(measure(newton_solve(objective, None, start, newton_matrix, tol).theta) - base)
     return torch.stack(out).double()
 
 
@@ -476,11 +479,17 @@ def agreement_with_retraining(scores: torch.Tensor, retraining: Retraining, n: i
 
 
 def noise_floor(retraining: Retraining) -> dict:
-    """The re-solves' own error against the effects they measure: ``max_abs`` |test-loss change| of the unchanged
-    objective re-solved from perturbed starts, the median |leave-one-out change|, and their ratio."""
-    max_abs = float(retraining.noise.abs().max())
-    median_loo = float(retraining.loo.abs().median())
-    return {"max_abs": max_abs, "median_abs_loo": median_loo, "ratio": max_abs / median_loo}
+    """The re-solves' own error against the effects they measure: per tolerance, ``max_abs`` |test-loss change| of
+    the unchanged objective re-solved from perturbed starts; the median |leave-one-out change|, its ratio to the
+    floor at the leave-one-out tolerance, the fraction of leave-one-out changes below that floor, and the LDS
+    effects' median |change| against the floor at their tolerance."""
+    tols = list(retraining.noise)
+    floors = {tol: float(noise.abs().max()) for tol, noise in retraining.noise.items()}
+    loo = retraining.loo.abs()
+    return {"max_abs": floors[tols[0]], "max_abs_by_tolerance": {str(t): f for t, f in floors.items()},
+            "median_abs_loo": float(loo.median()), "ratio": floors[tols[0]] / float(loo.median()),
+            "fraction_loo_below_floor": float((loo <= floors[tols[0]]).double().mean()),
+            "median_abs_lds": float(retraining.lds_effects.abs().median()), "lds_floor": floors[tols[-1]]}
 
 
 def compare_with_retraining(

@@ -45,13 +45,16 @@ def agreement_with_ci(reference: torch.Tensor, scores: torch.Tensor, seed: int =
 
 def curvature_rows(
     curvatures: dict[str, Curvature], train_grads: torch.Tensor, test_grads: torch.Tensor, damping: float,
-    setting: dict, seed: int = 0, reference: Curvature | None = None,
+    setting: dict, seed: int = 0, reference: Curvature | None = None, reference_damping: float | None = None,
 ) -> list[dict]:
     """One row per curvature: ``setting``'s fields, ``curvature``, ``damping``, ``reference_indefinite`` and
-    :func:`agreement_with_ci` against H + damping I (``reference``, default ``curvatures[REFERENCE]``)."""
+    :func:`agreement_with_ci` against H + reference_damping I (``reference``, default ``curvatures[REFERENCE]``;
+    ``reference_damping`` defaults to ``damping``: at large damping both tend to the gradient dot product, so
+    agreement then tends to 1 whatever the curvature; a fixed reference avoids that)."""
     hess = reference or curvatures[REFERENCE]
-    exact = influence(train_grads, test_grads, hess, damping)
-    indefinite = bool(float(hess.eigvalsh()[0]) + damping <= 0)
+    reference_damping = damping if reference_damping is None else reference_damping
+    exact = influence(train_grads, test_grads, hess, reference_damping)
+    indefinite = bool(float(hess.eigvalsh()[0]) + reference_damping <= 0)
     return [{**setting, "curvature": name, "damping": damping, "reference_indefinite": indefinite,
              **agreement_with_ci(exact, influence(train_grads, test_grads, c, damping), seed)}
             for name, c in curvatures.items()]
@@ -95,14 +98,15 @@ def estimation_rows(
     Returns:
         ``"sentences"``: every curvature estimated from the first m sentences, m in ``counts``, at the default
         damping; ``"mc_draws"``: the Monte Carlo true Fisher from k draws per position, k in ``mc_draws``;
-        ``"damping"``: every curvature and the reference damped alike by each of ``config.absolute_dampings``.
+        ``"damping"``: every curvature damped by each of ``config.absolute_dampings`` against the fixed reference
+        H + default_damping I; ``"damping_alike"``: the reference damped alike.
     """
     train = per_sample_grads(loss, samples["train"], config.chunk_size, cache_dir=cache_dir, desc=None)
     test = per_sample_grads(loss, samples["test"], config.chunk_size, cache_dir=cache_dir, desc=None)
     full = _keep(build_curvatures(loss, samples["hessian"], train[: config.n_hessian], config, StageTimer(), cache_dir,
                                   solvers=False))
     reference, damping = full[REFERENCE], config.default_damping
-    out = {"sentences": [], "mc_draws": [], "damping": []}
+    out = {"sentences": [], "mc_draws": [], "damping": [], "damping_alike": []}
     for m in counts:
         part = full if m == config.n_hessian else _keep(build_curvatures(
             loss, samples["hessian"][:m], train[:m], dataclasses.replace(config, n_hessian=m), StageTimer(), cache_dir,
@@ -112,5 +116,6 @@ def estimation_rows(
         mc = mc_true_fisher(loss, samples["hessian"], k, config.seed, config.chunk_size, cache_dir)
         out["mc_draws"] += curvature_rows({mc.name: mc}, train, test, damping, {"mc_draws": k}, config.seed, reference)
     for d in config.absolute_dampings:
-        out["damping"] += curvature_rows(full, train, test, d, {"lambda": d}, config.seed)
+        out["damping"] += curvature_rows(full, train, test, d, {"lambda": d}, config.seed, reference_damping=damping)
+        out["damping_alike"] += curvature_rows(full, train, test, d, {"lambda": d}, config.seed)
     return out

@@ -76,7 +76,7 @@ def run_estimation(config, corpus, samples, args, results, figures) -> None:
     plots.sweep_with_ci(rows["mc_draws"], "mc_draws", "spearman", label, figures / "ptb_robustness_mc_draws.png",
                         xlabel="Monte Carlo label draws per position")
     plots.sweep_with_ci(rows["damping"], "lambda", "spearman", label, figures / "ptb_robustness_damping.png",
-                        xlabel="damping lambda (curvature and reference)")
+                        xlabel=f"damping lambda of the curvature (reference: H + {config.default_damping:g} I)")
 
 
 def run_models(sweep, config, samples, args, results, figures) -> None:

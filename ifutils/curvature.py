@@ -298,6 +298,17 @@ class IdentityCurvature(DiagonalCurvature):
         super().__init__(torch.ones(p, dtype=torch.float64, device=device), name)
 
 
+def scale_damping(hess: Curvature, ggn: Curvature, alpha: float = 1.0) -> float:
+    """A damping on the curvature's own scale that keeps H + lambda I positive definite:
+    lambda = max(alpha * tr(GGN) / p, 2 |lambda_min(H)|) (0 for the second term when H is PSD).
+
+    The first term is relative damping on the GGN's mean eigenvalue (always >= 0, unlike H's); the second keeps the
+    exact-Hessian influence a minimum-based one, as the re-solves of :mod:`ifutils.groundtruth` need. Used where
+    models or subsets with very different curvature scales are compared (widths, subsets, checkpoints).
+    """
+    return max(alpha * ggn.mean_eigenvalue(), -2.0 * float(hess.eigvalsh()[0]))
+
+
 def empirical_fisher(grads: torch.Tensor, lengths: torch.Tensor, name: str = "EF") -> DenseCurvature:
     """Sentence-level empirical Fisher F_emp = (1/n) sum_i T_i g_i g_i^T (module docstring).
 

@@ -56,10 +56,15 @@ def robustness_table(robustness: dict, curvatures: tuple[str, ...]) -> str:
                 if r["curvature"] in curvatures or name == "mc_draws":
                     flag = "  (reference indefinite)" if r["reference_indefinite"] else ""
                     lines.append(f"{str(r[field]):>10s}  {r['curvature']:40s} {_ci(r, 'spearman')}{flag}")
+        for label, point in section.get("points", {}).items():  # best damping against the spectrum's scale
+            h = point["spectra"]["Hessian"]
+            best = ", ".join(f"{n} {d:.0e}" for n, d in point["best_damping"].items() if n in curvatures)
+            lines.append(f"{label:>10s}  lambda used {point['damping']:.1e}; H: mean eigenvalue {h['mean']:.1e}, "
+                         f"largest {h['max']:.1e}, smallest {h['min']:.1e}; best damping: {best}")
     return "\n".join(lines)
 
 
-_ROW_KEYS = {"curvature", "damping", "reference_indefinite", "pearson", "pearson_ci", "spearman", "spearman_ci"}
+_ROW_KEYS = {"curvature", "damping", "reference_indefinite", "pearson", "pearson_ci", "spearman", "spearman_ci", "columns"}
 
 
 def retrain_table(retrain: dict) -> str:

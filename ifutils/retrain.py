@@ -29,7 +29,12 @@ from tqdm.auto import tqdm
 
 from .cache import fingerprint
 from .config import require_positive, validate_fields
-from .curvature import IdentityCurvature, empirical_fisher, hessian_and_ggn
+from .curvature import (
+    IdentityCurvature,
+    empirical_fisher,
+    hessian_and_ggn,
+    scale_damping,
+)
 from .data import Corpus
 from .grads import SubsetLoss, default_subset, per_sample_grads
 from .influence import influence
@@ -173,8 +178,7 @@ def harmfulness(
     hess, ggn = hessian_and_ggn(loss, hessian_part, cache_dir=cache_dir)
     ef = empirical_fisher(g_train[: config.n_hessian], torch.tensor([len(s) for s in hessian_part]))
     curvatures = {"Hessian": hess, "GGN": ggn, "EF": ef, "identity": IdentityCurvature(loss.subset.size)}
-    # a Hessian with negative eigenvalues below -lambda would make the "exact" method a saddle-point influence
-    damping = max(ggn.relative_damping(config.damping_alpha), -2 * float(hess.eigvalsh()[0]))
+    damping = scale_damping(hess, ggn, config.damping_alpha)
     scores = {m: influence(g_train, g_val, curvatures[m], damping)[:, 0] for m in config.methods if m != "random"}
     if "random" in config.methods:
         generator = torch.Generator().manual_seed(config.score_seed)

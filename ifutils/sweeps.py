@@ -14,7 +14,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from .curvature import Curvature, mc_true_fisher
+from .curvature import Curvature, mc_true_fisher, scale_damping
 from .grads import SubsetLoss, default_subset, per_sample_grads
 from .groundtruth import bootstrap_ci, column_correlation
 from .influence import influence
@@ -33,13 +33,18 @@ SHOWN = (REFERENCE, "GGN (true Fisher, closed form)", "EF", "EF (token)", "Hessi
 
 def agreement_with_ci(reference: torch.Tensor, scores: torch.Tensor, seed: int = 0, resamples: int = 1000) -> dict:
     """Pearson and Spearman correlation of ``scores`` with ``reference`` ((n_train, n_test) influence matrices),
-    per test column then averaged, with percentile-bootstrap 95 % intervals over test columns."""
+    per test column then averaged, with percentile-bootstrap 95 % intervals over test columns. Columns without a
+    correlation (a test sentence whose gradient on the subset is zero, e.g. embedding rows it never uses) are left
+    out; ``columns`` counts those kept."""
     ref, est = reference.double().cpu().numpy(), scores.double().cpu().numpy()
     out = {}
     for kind in ("pearson", "spearman"):
         per_column = np.array([column_correlation(ref[:, [j]], est[:, [j]], kind) for j in range(ref.shape[1])])
-        out[kind] = float(per_column.mean())
-        out[f"{kind}_ci"] = bootstrap_ci(lambda idx, v=per_column: float(v[idx].mean()), len(per_column), seed, resamples)
+        per_column = per_column[np.isfinite(per_column)]
+        out[kind] = float(per_column.mean()) if len(per_column) else float("nan")
+        out[f"{kind}_ci"] = (bootstrap_ci(lambda idx, v=per_column: float(v[idx].mean()), len(per_column), seed,
+                                          resamples) if len(per_column) > 1 else (float("nan"), float("nan")))
+        out["columns"] = len(per_column)
     return out
 
 
@@ -67,25 +72,28 @@ def _keep(curvatures: dict[str, Curvature]) -> dict[str, Curvature]:
 def setting_rows(
     model, eos_id: int, samples: dict, config: InfluenceConfig, setting: dict, cache_dir=None,
 ) -> tuple[list[dict], dict]:
-    """The comparison for one model and subset (``config.subset``): rows of :func:`curvature_rows` at
-    ``config.default_damping`` and the eigenvalue statistics (:func:`~ifutils.study.spectrum_summary`) of H and the
+    """The comparison for one model and subset (``config.subset``): rows of :func:`curvature_rows` at the damping
+    :func:`~ifutils.curvature.scale_damping` (models and subsets differ in curvature scale by orders of magnitude, so
+    one absolute lambda would be negligible for some and leave H + lambda I indefinite for others), and the
+    eigenvalue statistics (:func:`~ifutils.study.spectrum_summary`) of H and the
     GGN, with the damping that maximises each curvature's Spearman correlation over ``config.absolute_dampings``
-    (reference fixed at the default damping) for relating it to those statistics (Karakida et al. 2019)."""
+    (reference fixed at that damping) for relating it to those statistics (Karakida et al. 2019)."""
     subset = default_subset(model, config.subset, config.num_coords, config.seed)
     loss = SubsetLoss(model, subset, eos_id, getattr(torch, config.dtype))
     train = per_sample_grads(loss, samples["train"], config.chunk_size, cache_dir=cache_dir, desc=None)
     test = per_sample_grads(loss, samples["test"], config.chunk_size, cache_dir=cache_dir, desc=None)
     curvatures = _keep(build_curvatures(loss, samples["hessian"], train[: config.n_hessian], config, StageTimer(),
                                         cache_dir, solvers=False))
-    rows = curvature_rows(curvatures, train, test, config.default_damping, setting, config.seed)
-    exact = influence(train, test, curvatures[REFERENCE], config.default_damping)
+    damping = scale_damping(curvatures[REFERENCE], curvatures[SHOWN[1]])
+    rows = curvature_rows(curvatures, train, test, damping, setting, config.seed)
+    exact = influence(train, test, curvatures[REFERENCE], damping)
     best = {}
     for name, c in curvatures.items():
         spearman = {d: column_correlation(exact, influence(train, test, c, d), "spearman")
                     for d in config.absolute_dampings}
         best[name] = max(spearman, key=spearman.get)
     stats = {name: spectrum_summary(curvatures[name]) for name in SHOWN[:2]}
-    return rows, {"spectra": stats, "best_damping": best}
+    return rows, {"spectra": stats, "best_damping": best, "damping": damping}
 
 
 def estimation_rows(

@@ -43,7 +43,8 @@ def main() -> None:
     parser.add_argument("--n-hessian", type=int, default=200)
     parser.add_argument("--n-train", type=int, default=500)
     parser.add_argument("--n-test", type=int, default=20)
-    parser.add_argument("--damping", type=float, default=3e-4, help="absolute lambda shared by curvature and reference")
+    parser.add_argument("--damping", type=float, default=3e-4,
+                        help="lambda of the estimation sweeps (model sweeps use ifutils.curvature.scale_damping)")
     parser.add_argument("--counts", type=int, nargs="+", default=[25, 50, 100, 200])
     parser.add_argument("--mc-draws", type=int, nargs="+", default=[1, 2, 4, 16, 64])
     parser.add_argument("--results", default="results/robustness.json")
@@ -58,13 +59,13 @@ def main() -> None:
     for sweep in args.sweeps:
         start = time.perf_counter()
         if sweep == "estimation":
-            run_estimation(config, corpus, samples, args, results, figures)
+            run_estimation(config, samples, args, results, figures)
         else:
             run_models(sweep, config, samples, args, results, figures)
         print(f"{sweep}: {time.perf_counter() - start:.0f} s")
 
 
-def run_estimation(config, corpus, samples, args, results, figures) -> None:
+def run_estimation(config, samples, args, results, figures) -> None:
     model, vocab, _ = load_checkpoint(project_path("checkpoints/ptb_lstm.pt"))
     loss = SubsetLoss(model, default_subset(model, config.subset, config.num_coords, config.seed), vocab.stoi["<eos>"])
     start = time.perf_counter()

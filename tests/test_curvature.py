@@ -222,3 +222,12 @@ def test_bad_damping_and_singular_curvature_are_reported():
         IdentityCurvature(4).solve(torch.ones(3), 0.1)
     with pytest.raises(FloatingPointError, match="rows \\[1\\]"):
         DenseCurvature(torch.tensor([[1.0, 0.0], [float("nan"), 1.0]]), "broken")
+
+
+def test_scale_damping_is_the_ggn_mean_eigenvalue_or_twice_the_negative_hessian_extreme():
+    from ifutils.curvature import DenseCurvature, scale_damping
+
+    ggn = DenseCurvature(torch.diag(torch.tensor([1.0, 3.0], dtype=torch.float64)), "G")
+    assert scale_damping(DenseCurvature(torch.diag(torch.tensor([-0.5, 2.0], dtype=torch.float64)), "H"), ggn) == 2.0
+    assert scale_damping(DenseCurvature(torch.diag(torch.tensor([-1.5, 2.0], dtype=torch.float64)), "H"), ggn) == 3.0
+    assert scale_damping(DenseCurvature(torch.diag(torch.tensor([0.5, 2.0], dtype=torch.float64)), "H"), ggn, 0.1) == 0.2

@@ -13,7 +13,10 @@ removing sample i (w_i: 1 -> 0) thus changes the test loss by about -I_i / n.
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -21,11 +24,14 @@ import torch
 from scipy import stats
 from tqdm.auto import tqdm
 
+from . import plots
 from .config import require_positive, validate_fields
 from .curvature import hessian_and_ggn
 from .data import make_batch
-from .grads import SubsetLoss
+from .grads import SubsetLoss, per_sample_grads
 from .influence import influence
+from .io import update_results
+from .study import GGN, REFERENCE, StageTimer, build_curvatures, hessian_free_scores
 
 
 class SubsetObjective:
@@ -106,7 +112,8 @@ def newton_solve(
             weights)`` and ``hessian(theta, weights)`` (tests use closed-form quadratics).
         weights: (n,) sample weights, default ones; 0 removes a sample.
         theta_init: start, default theta_hat (warm starts from theta*_1 make leave-one-out cheap).
-        newton_matrix: (p, p) damped Hessian to start with, default the exact one at ``theta_init``.
+        newton_matrix: (p, p) damped Hessian at ``theta_init`` to start with (e.g. :meth:`SampleHessians.matrix`),
+            default formed there.
         tol: stop when ||grad J_w||_2 <= tol (nats per token per unit of theta).
         max_iter: most Newton steps.
         refresh_ratio: form M again when ||grad_new|| > refresh_ratio * ||grad_old||.
@@ -123,7 +130,7 @@ def newton_solve(
         raise ValueError(f"weights must have shape ({objective.n},), one per sentence, got {tuple(weights.shape)}")
     theta = (objective.theta_hat if theta_init is None else theta_init).detach().clone()
     value, grad = objective.value_and_grad(theta, weights)
-    norm, evaluations, fresh = float(grad.norm()), 0, False
+    norm, evaluations, fresh = float(grad.norm()), 0, newton_matrix is not None  # a given matrix is exact at the start
     for iteration in range(max_iter + 1):
         if norm <= tol:
             return Solution(theta, iteration, norm, evaluations, newton_matrix)
@@ -157,6 +164,41 @@ def _positive_definite_solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.T
     return torch.cholesky_solve(rhs[:, None], factor)[:, 0]
 
 
+class SampleHessians:
+    """Per-sample Hessians H_i = d^2 l_i / d theta^2 at theta*_S, so that the damped Hessian of J_w there,
+    M_w = (1/n) sum_i w_i H_i + lambda I, is exact for any weights at the cost of a sum: every re-solve (leave-one-out,
+    leave-k-out, LDS subset, up-weighting) starts with the exact Newton matrix of its own objective.
+
+    Args:
+        stack: (n, p, p) float64 per-sample Hessians (mean token NLL of each sample, nats).
+        damping: lambda of the objective.
+    """
+
+    def __init__(self, stack: torch.Tensor, damping: float):
+        self.stack, self.damping = stack, damping
+
+    @classmethod
+    def compute(cls, loss: SubsetLoss, sentences: list[torch.Tensor], theta: torch.Tensor, damping: float,
+                cache=None, chunk: int = 20) -> "SampleHessians":
+        """One structured Hessian pass (:func:`~ifutils.curvature.hessian_and_ggn`) per sentence at ``theta``;
+        groups of ``chunk`` sentences are stored in ``cache`` as they finish, so a killed run resumes."""
+        parts = []
+        for start in tqdm(range(0, len(sentences), chunk), desc="per-sentence Hessians"):
+            part = cache.get(f"sample_hessians{start}") if cache else None
+            if part is None:
+                part = torch.stack([hessian_and_ggn(loss, [s], theta=theta)[0].matrix.cpu()
+                                    for s in sentences[start : start + chunk]])
+                if cache:
+                    cache.put(f"sample_hessians{start}", part)
+            parts.append(part.to(theta.device))
+        return cls(torch.cat(parts), damping)
+
+    def matrix(self, weights: torch.Tensor) -> torch.Tensor:
+        """(p, p) M_w = (1/n) sum_i w_i H_i + damping I."""
+        m = torch.einsum("i,ipq->pq", weights.to(self.stack), self.stack) / len(self.stack)
+        return m + self.damping * torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+
+
 def sentence_losses(loss: SubsetLoss, sentences: list[torch.Tensor], theta: torch.Tensor) -> torch.Tensor:
     """(n_test,) float64 loss of each test sentence (mean token NLL, nats) at theta."""
     inputs, targets, mask = (t.to(loss.device) for t in make_batch(sentences, loss.eos_id))
@@ -165,15 +207,15 @@ def sentence_losses(loss: SubsetLoss, sentences: list[torch.Tensor], theta: torc
 
 
 def removal_effects(
-    objective, theta_star: torch.Tensor, newton_matrix: torch.Tensor, groups: list[list[int]],
+    objective, theta_star: torch.Tensor, hessians: SampleHessians, groups: list[list[int]],
     measure: Callable[[torch.Tensor], torch.Tensor], tol: float, desc: str | None = "re-solves",
     cache=None, name: str = "removal",
 ) -> tuple[torch.Tensor, list[dict]]:
     """Actual change of each measured quantity when each group of samples is removed (weights 0) and J re-solved.
 
     Args:
-        objective: as for :func:`newton_solve`; theta_star its stationary point at w = 1, newton_matrix the damped
-            Hessian H(theta_star) + lambda I (every re-solve starts from theta_star with that matrix).
+        objective: as for :func:`newton_solve`; theta_star its stationary point at w = 1, hessians the per-sample
+            Hessians there (every re-solve starts from theta_star with its own objective's exact Hessian).
         groups: sample indices removed together (one index: leave-one-out).
         measure: theta -> (m,) quantities, e.g. the test losses (:func:`sentence_losses`).
         tol: gradient-norm tolerance of each re-solve.
@@ -190,7 +232,7 @@ def removal_effects(
         if done is None:
             weights = objective.ones()
             weights[list(group)] = 0.0
-            sol = newton_solve(objective, weights, theta_star, newton_matrix, tol)
+            sol = newton_solve(objective, weights, theta_star, hessians.matrix(weights), tol)
             done = {"effect": (measure(sol.theta) - base).cpu(),
                     "info": {"iterations": sol.iterations, "grad_norm": sol.grad_norm,
                              "hessian_evaluations": sol.hessian_evaluations}}
@@ -202,7 +244,7 @@ def removal_effects(
 
 
 def upweighting_derivative(
-    objective, theta_star: torch.Tensor, newton_matrix: torch.Tensor, sample: int,
+    objective, theta_star: torch.Tensor, hessians: SampleHessians, sample: int,
     measure: Callable[[torch.Tensor], torch.Tensor], epsilons: tuple[float, ...], tol: float,
 ) -> dict[float, torch.Tensor]:
     """Central finite differences of measure(theta*_w) in w_i around w = 1: for each eps,
@@ -218,7 +260,7 @@ def upweighting_derivative(
         for sign in (1, -1):
             weights = objective.ones()
             weights[sample] = 1 + sign * eps
-            values.append(measure(newton_solve(objective, weights, theta_star, newton_matrix, tol).theta))
+            values.append(measure(newton_solve(objective, weights, theta_star, hessians.matrix(weights), tol).theta))
         out[eps] = (values[0] - values[1]).double() / (2 * eps)
     return out
 
@@ -360,24 +402,28 @@ class Retraining:
     solves: dict
 
 
-def solve_reference(objective: SubsetObjective, config: GroundTruthConfig, cache=None) -> tuple[torch.Tensor, dict]:
-    """theta*_S: the stationary point of J at w = 1 from theta_hat, to ``config.tol`` (cached)."""
+def solve_reference(objective: SubsetObjective, config: GroundTruthConfig, cache=None,
+                    theta_init: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """theta*_S: the stationary point of J at w = 1, from ``theta_init`` (default theta_hat) to ``config.tol``,
+    cached; the info records iterations, exact Hessians formed, ||grad J||, ||theta*_S - theta_hat|| and seconds."""
     done = cache.get("reference") if cache else None
     if done is None:
-        sol = newton_solve(objective, tol=config.tol)
-        done = {"theta": sol.theta.cpu(), "info": {"iterations": sol.iterations, "grad_norm": sol.grad_norm,
-                                                   "hessian_evaluations": sol.hessian_evaluations,
-                                                   "distance_from_trained": float((sol.theta - objective.theta_hat).norm())}}
+        start = time.perf_counter()
+        sol = newton_solve(objective, theta_init=theta_init, tol=config.tol)
+        done = {"theta": sol.theta.cpu(), "info": {
+            "iterations": sol.iterations, "grad_norm": sol.grad_norm, "hessian_evaluations": sol.hessian_evaluations,
+            "distance_from_trained": float((sol.theta - objective.theta_hat).norm()),
+            "warm_start": theta_init is not None, "seconds": time.perf_counter() - start}}
         if cache:
             cache.put("reference", done)
     return done["theta"].to(objective.theta_hat), done["info"]
 
 
 def retrain_all(
-    objective: SubsetObjective, theta_star: torch.Tensor, newton_matrix: torch.Tensor, test: list[torch.Tensor],
+    objective: SubsetObjective, theta_star: torch.Tensor, hessians: SampleHessians, test: list[torch.Tensor],
     config: GroundTruthConfig, cache=None,
 ) -> Retraining:
-    """Every re-solve of the study, from theta*_S with its damped Hessian ``newton_matrix``, each group cached.
+    """Every re-solve of the study, from theta*_S with the per-sample Hessians there, each group cached.
 
     Leave-one-out of ``n_loo`` seeded samples, ``n_groups`` random leave-k-out groups, the LDS subsets and the
     noise floor: the unchanged objective re-solved from theta*_S + a random perturbation as large as the median
@@ -390,11 +436,11 @@ def retrain_all(
     kept = random_groups(n, config.lds_subsets, round(config.lds_fraction * n), config.seed + 2)
     lds_removed = [sorted(set(range(n)) - set(k)) for k in kept]
     run = lambda groups, name, tol: removal_effects(  # noqa: E731
-        objective, theta_star, newton_matrix, groups, measure, tol, f"re-solves: {name}", cache, name)
+        objective, theta_star, hessians, groups, measure, tol, f"re-solves: {name}", cache, name)
     loo, loo_info = run([[i] for i in loo_samples], "leave-one-out", config.tol)
     group_effects, group_info = run(groups, "leave-k-out", config.tol)
     lds_effects, lds_info = run(lds_removed, "LDS", config.lds_tol)
-    noise = {tol: _noise_floor(objective, theta_star, newton_matrix, measure, config, tol)
+    noise = {tol: _noise_floor(objective, theta_star, hessians.matrix(objective.ones()), measure, config, tol)
              for tol in dict.fromkeys((config.tol, config.lds_tol))}
     solves = {name: {"iterations_mean": float(np.mean([i["iterations"] for i in info])),
                      "iterations_max": max(i["iterations"] for i in info),
@@ -427,7 +473,7 @@ def _doubled(objective, i: int) -> torch.Tensor:
 
 
 def finite_difference_check(
-    objective: SubsetObjective, theta_star: torch.Tensor, newton_matrix: torch.Tensor, test: list[torch.Tensor],
+    objective: SubsetObjective, theta_star: torch.Tensor, hessians: SampleHessians, test: list[torch.Tensor],
     exact_scores: torch.Tensor, samples: list[int], config: GroundTruthConfig,
 ) -> list[dict]:
     """The up-weighting derivative measured by re-solves against the exact-Hessian influence I_i / n.
@@ -443,7 +489,7 @@ def finite_difference_check(
     rows = []
     for i in samples:
         exact = exact_scores[i].double().cpu() / objective.n
-        derivatives = upweighting_derivative(objective, theta_star, newton_matrix, i, measure, config.epsilons,
+        derivatives = upweighting_derivative(objective, theta_star, hessians, i, measure, config.epsilons,
                                              config.fd_tol)
         for eps, fd in derivatives.items():
             fd = fd.cpu()
@@ -529,3 +575,76 @@ def compare_with_retraining(
             if name in fixed_scores:
                 break
     return table, rows
+
+
+def ground_truth_study(
+    model, param_subset, eos_id: int, samples: dict, config, gt: GroundTruthConfig, cache_dir=None,
+    theta_init: torch.Tensor | None = None,
+) -> tuple[dict, dict]:
+    """The whole retraining ground truth for one model and subset, as run by ``fisher_if.ipynb`` and
+    ``scripts/ground_truth.py``: theta*_S, every curvature at theta*_S (:func:`ifutils.study.build_curvatures`, float64,
+    from the objective's n sentences), per-sample Hessians, the re-solves, the finite-difference check, the noise floor
+    and the agreement of every curvature with the re-solves.
+
+    Args:
+        model, param_subset, eos_id: the trained model and the subset theta_S.
+        samples: :func:`ifutils.study.choose_samples` output; the objective takes the first ``gt.n`` of ``train``.
+        config: the comparison's :class:`~ifutils.study.InfluenceConfig` (MC draws, Arnoldi rank, dampings swept).
+        cache_dir: every stage is cached there and resumes after a kill.
+        theta_init: start of the reference solve (default theta_hat); a previous theta*_S makes it return at once.
+    Returns:
+        (results for the JSON file, plot data: ``predicted`` {curvature: (n_loo, n_test) predicted leave-one-out
+        changes} and ``loo`` (n_loo, n_test) actual ones).
+    """
+    timer = StageTimer()
+    loss = SubsetLoss(model, param_subset, eos_id, torch.float64)
+    objective = SubsetObjective(loss, samples["train"][: gt.n], gt.damping)
+    cache = loss.cache(cache_dir, {"stage": "ground truth", **gt.to_dict()}, objective.sentences, samples["test"])
+    with timer("solve theta*"):
+        theta_star, reference = solve_reference(objective, gt, cache, theta_init)
+    at_star = loss.at(theta_star)
+    with timer("gradients at theta*"):
+        train = per_sample_grads(at_star, objective.sentences, config.chunk_size, cache_dir=cache_dir)
+        test = per_sample_grads(at_star, samples["test"], config.chunk_size, cache_dir=cache_dir)
+    star_config = dataclasses.replace(config, n_hessian=gt.n, n_train=gt.n, dtype="float64", top_k=min(config.top_k, gt.n))
+    curvatures = build_curvatures(at_star, objective.sentences, train, star_config, timer, cache_dir)
+    with timer("per-sentence Hessians"):
+        hessians = SampleHessians.compute(at_star, objective.sentences, theta_star, gt.damping, cache)
+    hess = curvatures[REFERENCE].matrix
+    with timer("re-solves"):
+        retraining = retrain_all(objective, theta_star, hessians, samples["test"], gt, cache)
+    exact = influence(train, test, curvatures[REFERENCE], gt.damping)
+    with timer("finite differences"):
+        fd = finite_difference_check(objective, theta_star, hessians, samples["test"], exact,
+                                     retraining.loo_samples[: gt.fd_samples], gt)
+    with timer("agreement"):
+        table, rows = compare_with_retraining(curvatures, hessian_free_scores(train, test), train, test, retraining, gt,
+                                              config.absolute_dampings)
+    eigenvalues = torch.linalg.eigvalsh(hess)
+    loo_groups = [[i] for i in retraining.loo_samples]
+    shown = [REFERENCE, GGN, "EF", "identity (gradient dot product)"]
+    results = {
+        "config": gt.to_dict(), "reference_solve": reference, "solves": retraining.solves,
+        "hessian_at_theta_star": {"min_eigenvalue": float(eigenvalues[0]), "max_eigenvalue": float(eigenvalues[-1]),
+                                  "sample_hessians_mean_error": float((hessians.matrix(objective.ones()) - gt.damping
+                                                                       * torch.eye(len(hess), dtype=hess.dtype) - hess).abs().max())},
+        "noise_floor": noise_floor(retraining), "finite_differences": fd, "agreement": table, "damping_sweep": rows,
+        "loo_samples": retraining.loo_samples, "seconds": timer.seconds,
+    }
+    predicted = {name: predicted_removal_effects(influence(train, test, curvatures[name], gt.damping), loo_groups, gt.n)
+                 for name in shown}
+    return results, {"predicted": predicted, "loo": retraining.loo}
+
+
+def save_ground_truth(results: dict, plot_data: dict, label: str, figures_dir, tag: str, results_file) -> None:
+    """Write :func:`ground_truth_study`'s results into ``results_file`` (section ``ground_truth``) and its figures:
+    ``<tag>_retraining_scatter.png`` (predicted vs actual leave-one-out changes) and
+    ``<tag>_retraining_vs_damping.png`` (leave-one-out Spearman against each curvature's damping, with CIs)."""
+    damping = results["config"]["damping"]
+    plots.retraining_scatter(plot_data["predicted"], plot_data["loo"],
+                             f"{label}: leave-one-out re-solves, lambda={damping:g}",
+                             Path(figures_dir) / f"{tag}_retraining_scatter.png")
+    plots.sweep_with_ci(results["damping_sweep"], "damping", "loo_spearman",
+                        f"{label}: leave-one-out Spearman (ground truth at lambda={damping:g}; 95% bootstrap CI)",
+                        Path(figures_dir) / f"{tag}_retraining_vs_damping.png", xlabel="damping of the curvature")
+    update_results(results_file, "ground_truth", results)

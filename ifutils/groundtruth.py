@@ -71,8 +71,11 @@ class SubsetObjective:
         return float(value.detach()), grad
 
     def hessian(self, theta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """(p, p) float64 Hessian of J_w at theta: the exact subset Hessian (structured pass) + damping I."""
-        h = hessian_and_ggn(self.loss, self.sentences, theta=theta.detach(), weights=weights)[0].matrix
+        """(p, p) float64 Hessian of J_w at theta: the exact subset Hessian (structured pass, over the sentences of
+        nonzero weight only) + damping I."""
+        keep = weights.nonzero().flatten().tolist()
+        h = hessian_and_ggn(self.loss, [self.sentences[i] for i in keep], theta=theta.detach(),
+                            weights=weights[keep])[0].matrix * (len(keep) / self.n)
         return h + self.damping * torch.eye(len(h), dtype=h.dtype, device=h.device)
 
 
@@ -104,7 +107,8 @@ def newton_solve(
     ``newton_matrix``, e.g. the Hessian at theta*_1 for leave-one-out re-solves started there) and formed
     again at the current point whenever an iteration reduces ||grad J|| by less than ``refresh_ratio``: exact
     Newton where it is needed, a chord (simplified Newton) iteration where M still contracts fast. M only sets
-    the speed: the point returned is stationary to ``tol`` whatever M was. A step is halved (up to 30 times)
+    the speed: the point returned is stationary to ``tol`` whatever M was. Within 100 tol of the goal slow
+    contraction comes from rounding in the gradient, not from M, so M is kept there. A step is halved (up to 30 times)
     until it lowers J or ||grad J||.
 
     Args:
@@ -149,8 +153,8 @@ def newton_solve(
                                "may be too flat or too noisy for this tolerance: raise tol")
         theta, value, grad = theta + step, new_value, new_grad
         new_norm = float(grad.norm())
-        if new_norm > refresh_ratio * norm and not fresh:
-            newton_matrix = None  # slow contraction: form the exact Hessian at the new point
+        if new_norm > refresh_ratio * norm and not fresh and new_norm > 100 * tol:
+            newton_matrix = None  # slow contraction far from tol (near it, rounding slows it): form H here
         fresh, norm = False, new_norm
     raise RuntimeError(f"Newton did not reach ||grad J|| <= {tol:g} in {max_iter} steps (last {norm:.3g})")
 

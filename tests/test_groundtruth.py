@@ -159,3 +159,12 @@ def test_leave_one_out_on_convex_decoder_slice_matches_exact_retraining():
     assert result["LDS"]["spearman"] > 0.9 and result["leave-k-out"]["pearson"] > 0.95
     assert result["LDS"]["spearman_ci"][0] <= result["LDS"]["spearman"] <= result["LDS"]["spearman_ci"][1]
     assert noise_floor(retraining)["fraction_loo_below_floor"] == 0.0
+
+
+def test_objective_hessian_skips_removed_sentences_without_changing_the_matrix():
+    loss = subset_loss(tiny_model(), "recurrent")
+    train = random_sentences(10, 13, seed=5)
+    objective = SubsetObjective(loss, train, damping=0.1)
+    weights = torch.tensor([0, 1, 2, 0, 1, 1, 0.5, 1, 0, 1], dtype=torch.float64)
+    full = hessian_and_ggn(loss, train, weights=weights)[0].matrix + 0.1 * torch.eye(loss.subset.size, dtype=torch.float64)
+    torch.testing.assert_close(objective.hessian(loss.theta0, weights), full, rtol=1e-12, atol=1e-14)

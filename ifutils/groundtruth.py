@@ -227,7 +227,8 @@ def removal_effects(
             killed run resumes.
     Returns:
         ((n_groups, m) float64 tensor measure(theta*_{-G}) - measure(theta_star), one dict of
-        :class:`Solution` statistics per group).
+        :class:`Solution` statistics per group). A group whose re-solve fails (the path from theta*_S leaves the
+        region where J_w is convex, or Newton stalls) gets a NaN row and ``{"error": message}``.
     """
     base = measure(theta_star)
     effects, info = [], []
@@ -236,10 +237,13 @@ def removal_effects(
         if done is None:
             weights = objective.ones()
             weights[list(group)] = 0.0
-            sol = newton_solve(objective, weights, theta_star, hessians.matrix(weights), tol)
-            done = {"effect": (measure(sol.theta) - base).cpu(),
-                    "info": {"iterations": sol.iterations, "grad_norm": sol.grad_norm,
-                             "hessian_evaluations": sol.hessian_evaluations}}
+            try:
+                sol = newton_solve(objective, weights, theta_star, hessians.matrix(weights), tol)
+                done = {"effect": (measure(sol.theta) - base).cpu(),
+                        "info": {"iterations": sol.iterations, "grad_norm": sol.grad_norm,
+                                 "hessian_evaluations": sol.hessian_evaluations}}
+            except (ValueError, RuntimeError) as err:  # no convex re-solve reachable from theta*_S: reported, not used
+                done = {"effect": torch.full_like(base, float("nan")).cpu(), "info": {"error": str(err)}}
             if cache:
                 cache.put(f"{name}{g}", done)
         effects.append(done["effect"])
@@ -357,7 +361,7 @@ class GroundTruthConfig:
     lds_subsets: int = 100
     lds_fraction: float = 0.5
     fd_samples: int = 3
-    epsilons: tuple[float, ...] = (0.5, 0.1)
+    epsilons: tuple[float, ...] = (0.1, 0.01)
     tol: float = 1e-11
     fd_tol: float = 1e-13
     lds_tol: float = 1e-9
@@ -446,12 +450,19 @@ def retrain_all(
     lds_effects, lds_info = run(lds_removed, "LDS", config.lds_tol)
     noise = {tol: _noise_floor(objective, theta_star, hessians.matrix(objective.ones()), measure, config, tol)
              for tol in dict.fromkeys((config.tol, config.lds_tol))}
-    solves = {name: {"iterations_mean": float(np.mean([i["iterations"] for i in info])),
-                     "iterations_max": max(i["iterations"] for i in info),
-                     "hessians_max": max(i["hessian_evaluations"] for i in info),
-                     "grad_norm_max": max(i["grad_norm"] for i in info)}
+    solves = {name: _solve_summary(info)
               for name, info in (("leave-one-out", loo_info), ("leave-k-out", group_info), ("LDS", lds_info))}
     return Retraining(theta_star, loo_samples, loo, groups, group_effects, lds_removed, lds_effects, noise, solves)
+
+
+def _solve_summary(info: list[dict]) -> dict:
+    ok = [i for i in info if "error" not in i]
+    failed = [i["error"] for i in info if "error" in i]
+    return {"solved": len(ok), "failed": len(failed), "failures": failed[:5],
+            "iterations_mean": float(np.mean([i["iterations"] for i in ok])) if ok else None,
+            "iterations_max": max((i["iterations"] for i in ok), default=None),
+            "hessians_max": max((i["hessian_evaluations"] for i in ok), default=None),
+            "grad_norm_max": max((i["grad_norm"] for i in ok), default=None)}
 
 
 def _noise_floor(objective, theta_star, newton_matrix, measure, config, tol) -> torch.Tensor:
@@ -466,7 +477,10 @@ def _noise_floor(objective, theta_star, newton_matrix, measure, config, tol) -> 
     for _ in range(config.noise_repeats):
         direction = torch.randn(len(theta_star), generator=generator, dtype=torch.float64).to(theta_star)
         start = theta_star + scale * direction / direction.norm()
-        out.append(measure(newton_solve(objective, None, start, newton_matrix, tol).theta) - base)
+        try:
+            out.append(measure(newton_solve(objective, None, start, newton_matrix, tol).theta) - base)
+        except (ValueError, RuntimeError):  # the start left the convex region: no floor from this repeat
+            out.append(torch.full_like(base, float("nan")))
     return torch.stack(out).double()
 
 
@@ -518,8 +532,9 @@ def agreement_with_retraining(scores: torch.Tensor, retraining: Retraining, n: i
              ("LDS", retraining.lds_removed, retraining.lds_effects, ("spearman",)))
     out = {}
     for name, groups, actual, metrics in cases:
-        predicted = predicted_removal_effects(scores, groups, n).cpu().numpy()
-        actual = actual.cpu().numpy()
+        solved = torch.isfinite(actual).all(1).cpu().numpy()  # failed re-solves are left out (counted in "solves")
+        predicted = predicted_removal_effects(scores, groups, n).cpu().numpy()[solved]
+        actual = actual.cpu().numpy()[solved]
         out[name] = {}
         for metric in metrics:
             statistic = lambda idx, m=metric: column_correlation(predicted[idx], actual[idx], m)  # noqa: E731
@@ -534,12 +549,12 @@ def noise_floor(retraining: Retraining) -> dict:
     floor at the leave-one-out tolerance, the fraction of leave-one-out changes below that floor, and the LDS
     effects' median |change| against the floor at their tolerance."""
     tols = list(retraining.noise)
-    floors = {tol: float(noise.abs().max()) for tol, noise in retraining.noise.items()}
-    loo = retraining.loo.abs()
+    floors = {tol: float(noise.abs().nan_to_num(nan=0.0).max()) for tol, noise in retraining.noise.items()}
+    loo = retraining.loo[torch.isfinite(retraining.loo).all(1)].abs()
     return {"max_abs": floors[tols[0]], "max_abs_by_tolerance": {str(t): f for t, f in floors.items()},
             "median_abs_loo": float(loo.median()), "ratio": floors[tols[0]] / float(loo.median()),
             "fraction_loo_below_floor": float((loo <= floors[tols[0]]).double().mean()),
-            "median_abs_lds": float(retraining.lds_effects.abs().median()), "lds_floor": floors[tols[-1]]}
+            "median_abs_lds": float(retraining.lds_effects.abs().nanmedian()), "lds_floor": floors[tols[-1]]}
 
 
 def compare_with_retraining(

@@ -194,7 +194,7 @@ def retraining_scatter(predicted: dict[str, torch.Tensor], actual: torch.Tensor,
     for ax, (name, pred) in zip(axes[0], predicted.items()):
         x = pred.double().flatten().cpu().numpy()
         ax.scatter(x, y, s=3, alpha=0.4)
-        lim = max(abs(x).max(), abs(y).max())
+        lim = max(np.nanmax(abs(x)), np.nanmax(abs(y)))  # failed re-solves are NaN rows
         ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.8)
         ax.set(xlabel="predicted change (nats/token)", title=name)
         ax.grid(alpha=0.3)

@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--subset", default="recurrent", choices=["recurrent", "decoder", "lstm+decoder", "input"])
     parser.add_argument("--num-coords", type=int, default=512)
     parser.add_argument("--n", type=int, default=200, help="sentences of the re-solved objective")
-    parser.add_argument("--damping", type=float, default=3e-4)
+    parser.add_argument("--damping", type=float, default=1e-3)
     parser.add_argument("--loo", type=int, default=100)
     parser.add_argument("--groups", type=int, default=50)
     parser.add_argument("--group-size", type=int, default=10)

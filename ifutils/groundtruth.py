@@ -296,17 +296,6 @@ def predicted_removal_effects(scores: torch.Tensor, groups: list[list[int]], n: 
     return torch.stack([-scores[list(g)].double().sum(0) / n for g in groups])
 
 
-def linear_datamodeling_score(predicted: torch.Tensor, actual: torch.Tensor) -> float:
-    """LDS (Park et al. 2023, TRAK, eq. 5): the Spearman correlation over random training subsets between the
-    predicted and the measured test loss, averaged over test samples.
-
-    Args:
-        predicted, actual: (M, n_test) for M subsets (predicted: e.g. :func:`predicted_removal_effects` of the
-            removed complement; Spearman ignores the constant shift).
-    """
-    return column_correlation(predicted, actual, "spearman")
-
-
 def column_correlation(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray, kind: str) -> float:
     """Mean over columns j of the Pearson or Spearman correlation of a[:, j] and b[:, j] (rows: removals or
     subsets). Spearman is Pearson on ranks (ties get their average rank, ``scipy.stats.rankdata``). Vectorised
@@ -429,13 +418,14 @@ def solve_reference(objective: SubsetObjective, config: GroundTruthConfig, cache
 
 def retrain_all(
     objective: SubsetObjective, theta_star: torch.Tensor, hessians: SampleHessians, test: list[torch.Tensor],
-    config: GroundTruthConfig, cache=None,
+    config: GroundTruthConfig, train_grads: torch.Tensor, cache=None,
 ) -> Retraining:
     """Every re-solve of the study, from theta*_S with the per-sample Hessians there, each group cached.
 
     Leave-one-out of ``n_loo`` seeded samples, ``n_groups`` random leave-k-out groups, the LDS subsets and the
     noise floor: the unchanged objective re-solved from theta*_S + a random perturbation as large as the median
     leave-one-out displacement predicted by the Newton step, so its test-loss change is pure solver error.
+    ``train_grads``: (n, p) per-sample gradients at theta*_S (they set that displacement).
     """
     n = objective.n
     measure = lambda theta: sentence_losses(objective.loss, test, theta)  # noqa: E731
@@ -448,7 +438,10 @@ def retrain_all(
     loo, loo_info = run([[i] for i in loo_samples], "leave-one-out", config.tol)
     group_effects, group_info = run(groups, "leave-k-out", config.tol)
     lds_effects, lds_info = run(lds_removed, "LDS", config.lds_tol)
-    noise = {tol: _noise_floor(objective, theta_star, hessians.matrix(objective.ones()), measure, config, tol)
+    matrix = hessians.matrix(objective.ones())
+    # perturbation as large as a removal's median Newton step (1/n) M^{-1} g_i
+    scale = float((torch.linalg.solve(matrix, train_grads.double().T).norm(dim=0) / n).median())
+    noise = {tol: _noise_floor(objective, theta_star, matrix, measure, scale, config, tol)
              for tol in dict.fromkeys((config.tol, config.lds_tol))}
     solves = {name: _solve_summary(info)
               for name, info in (("leave-one-out", loo_info), ("leave-k-out", group_info), ("LDS", lds_info))}
@@ -465,13 +458,8 @@ def _solve_summary(info: list[dict]) -> dict:
             "grad_norm_max": max((i["grad_norm"] for i in ok), default=None)}
 
 
-def _noise_floor(objective, theta_star, newton_matrix, measure, config, tol) -> torch.Tensor:
+def _noise_floor(objective, theta_star, newton_matrix, measure, scale, config, tol) -> torch.Tensor:
     base = measure(theta_star)
-    # the Newton step of removing i is (1/n) M^{-1} g_i = M^{-1} (grad J_w - grad J_1) with w_i = 2: its median norm
-    at_one = objective.value_and_grad(theta_star, objective.ones())[1]
-    steps = [_positive_definite_solve(newton_matrix, (objective.value_and_grad(theta_star, _doubled(objective, i))[1]
-                                                      - at_one).double()) for i in range(min(10, objective.n))]
-    scale = float(np.median([float(step.norm()) for step in steps]))
     generator = torch.Generator().manual_seed(config.seed + 3)
     out = []
     for _ in range(config.noise_repeats):
@@ -482,12 +470,6 @@ def _noise_floor(objective, theta_star, newton_matrix, measure, config, tol) -> 
         except (ValueError, RuntimeError):  # the start left the convex region: no floor from this repeat
             out.append(torch.full_like(base, float("nan")))
     return torch.stack(out).double()
-
-
-def _doubled(objective, i: int) -> torch.Tensor:
-    weights = objective.ones()
-    weights[i] = 2.0
-    return weights
 
 
 def finite_difference_check(
@@ -518,8 +500,10 @@ def finite_difference_check(
 
 def agreement_with_retraining(scores: torch.Tensor, retraining: Retraining, n: int, config: GroundTruthConfig) -> dict:
     """Pearson and Spearman correlation (mean over test sentences) between the first-order prediction from
-    ``scores`` and the measured change, for leave-one-out and leave-k-out, and the LDS, each with a bootstrap
-    95 % interval over removals (groups, subsets).
+    ``scores`` and the measured change, for leave-one-out and leave-k-out, and the LDS (Park et al. 2023, TRAK,
+    eq. 5: Spearman correlation over the random subsets between predicted and measured test loss, averaged over
+    test samples; predicting from the removed complement only shifts the prediction by a per-test constant), each
+    with a bootstrap 95 % interval over removals (groups, subsets).
 
     Args:
         scores: (n_train, n_test) influence at theta*_S (rows: the objective's samples first).
@@ -579,11 +563,12 @@ def compare_with_retraining(
         except ValueError as err:  # e.g. an indefinite damped Hessian
             return None, str(err)
 
+    n = train_grads.shape[0]
     table, rows = {}, []
-    for name, c in tqdm([*curvatures.items(), *fixed_scores.items()], desc="agreement with retraining", leave=False):
+    for name, c in tqdm(curvatures.items(), desc="agreement with retraining", leave=False):
         for damping in dict.fromkeys((config.damping, *dampings)):
-            s, error = (c, None) if name in fixed_scores else scores(c, damping)
-            result = agreement_with_retraining(s, retraining, train_grads.shape[0], config) if s is not None else None
+            s, error = scores(c, damping)
+            result = agreement_with_retraining(s, retraining, n, config) if s is not None else None
             if damping == config.damping:
                 table[name] = result or {"error": error}
             if result is not None and damping in dampings:
@@ -591,8 +576,8 @@ def compare_with_retraining(
                 rows.append({"curvature": name, "damping": damping, "loo_pearson": loo["pearson"],
                              "loo_pearson_ci": loo["pearson_ci"], "loo_spearman": loo["spearman"],
                              "loo_spearman_ci": loo["spearman_ci"], "lds": lds["spearman"], "lds_ci": lds["spearman_ci"]})
-            if name in fixed_scores:
-                break
+    for name, s in fixed_scores.items():  # damping-free: one entry, no sweep
+        table[name] = agreement_with_retraining(s, retraining, n, config)
     return table, rows
 
 
@@ -631,7 +616,7 @@ def ground_truth_study(
         hessians = SampleHessians.compute(at_star, objective.sentences, theta_star, gt.damping, cache)
     hess = curvatures[REFERENCE].matrix
     with timer("re-solves"):
-        retraining = retrain_all(objective, theta_star, hessians, samples["test"], gt, cache)
+        retraining = retrain_all(objective, theta_star, hessians, samples["test"], gt, train, cache)
     exact = influence(train, test, curvatures[REFERENCE], gt.damping)
     with timer("finite differences"):
         fd = finite_difference_check(objective, theta_star, hessians, samples["test"], exact,

@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--lds-fraction", type=float, default=0.5)
     parser.add_argument("--warm-start", default=None, help="a .pt file holding a previous theta*_S, (p,) float64")
     parser.add_argument("--cache", default="cache")
+    parser.add_argument("--tag", default=None, help="results/<tag>.json; default <dataset>[_<subset>]")
     args = parser.parse_args()
     config = InfluenceConfig(subset=args.subset, num_coords=args.num_coords)
     gt = GroundTruthConfig(n=args.n, damping=args.damping, n_loo=args.loo, n_groups=args.groups,
@@ -44,7 +45,8 @@ def main() -> None:
     check_corpus(payload, corpus)
     samples = choose_samples(corpus, config)
     subset = default_subset(model, config.subset, config.num_coords, config.seed)
-    tag = args.dataset if args.subset == "recurrent" else f"{args.dataset}_{args.subset.replace('+', '_')}"
+    subset_tag = "" if args.subset == "recurrent" else "_" + args.subset.replace("+", "_")
+    tag = args.tag or f"{args.dataset}{subset_tag}"
     warm = torch.load(args.warm_start, weights_only=True) if args.warm_start else None
     start = time.perf_counter()
     results, plot_data = ground_truth_study(model, subset, vocab.stoi["<eos>"], samples, config, gt,

@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--n-test", type=int, default=20)
     parser.add_argument("--damping", type=float, default=3e-4,
                         help="lambda of the estimation sweeps (model sweeps use ifutils.curvature.scale_damping)")
+    parser.add_argument("--dampings", type=float, nargs="+", default=[10.0 ** k for k in range(-6, 1)],
+                        help="lambda values of the damping sweep and of each setting's best damping (6 decades)")
     parser.add_argument("--counts", type=int, nargs="+", default=[25, 50, 100, 200])
     parser.add_argument("--mc-draws", type=int, nargs="+", default=[1, 2, 4, 16, 64])
     parser.add_argument("--results", default="results/robustness.json")
@@ -52,7 +54,8 @@ def main() -> None:
     parser.add_argument("--cache", default="cache")
     args = parser.parse_args()
     config = InfluenceConfig(num_coords=args.num_coords, n_hessian=args.n_hessian, n_train=args.n_train,
-                             n_test=args.n_test, default_damping=args.damping, top_k=min(20, args.n_train))
+                             n_test=args.n_test, default_damping=args.damping, top_k=min(20, args.n_train),
+                             absolute_dampings=tuple(args.dampings))
     results, figures = project_path(args.results), project_path(args.figures)
     corpus = load_corpus("ptb")
     samples = choose_samples(corpus, config)

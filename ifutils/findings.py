@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .spectrum import preferred_estimates
+
 
 def _ci(metric: dict, key: str) -> str:
     low, high = metric[f"{key}_ci"]
@@ -85,8 +87,9 @@ def retrain_table(retrain: dict) -> str:
 
 
 def spectrum_table(spectrum: dict) -> str:
-    """m, s and lambda_max per width, state and curvature, and the fitted log-log slope in width of each."""
-    entries = list(spectrum["entries"].values())
+    """m, s and lambda_max per width, state and curvature (exact ones where the file has them:
+    :func:`~ifutils.spectrum.preferred_estimates`), and the fitted log-log slope in width of each."""
+    entries = [preferred_estimates(e) for e in spectrum["entries"].values()]
     lines = [f"{'width':>5s} {'state':8s} {'C':3s} {'mean m':>10s} {'s':>10s} {'lambda_max':>10s}"]
     for e in sorted(entries, key=lambda e: (e["state"], e["curvature"], e["width"])):
         lines.append(f"{e['width']:5d} {e['state']:8s} {e['curvature']:3s} {e['mean']:10.3e} {e['second_moment']:10.3e} "

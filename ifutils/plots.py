@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .io import atomic_write
+from .spectrum import preferred_estimates
 
 
 def save(fig: plt.Figure, path: str | os.PathLike) -> plt.Figure:
@@ -149,12 +150,14 @@ def spectrum_scaling(rows: list[dict], label: str, path: str | os.PathLike) -> p
     """Log-log scaling with the width M of m = tr(C)/P, s = tr(C^2)/P and lambda_max (Karakida et al. 2019,
     Theorem 1: O(1/M), O(1) and O(M)), one line per curvature (colour) and state (solid trained, dashed init),
     its least-squares slope in log-log in the legend; the grey line is the theory's slope. Error bars: +-2 standard
-    errors of the Hutchinson estimates. Non-positive values (an indefinite Hessian's mean) are left out.
+    errors of the Hutchinson estimates; exact values where a row has them (:func:`~ifutils.spectrum.preferred_estimates`).
+    Non-positive values (an indefinite Hessian's mean) are left out.
 
     Args:
         rows: dicts with ``width``, ``state`` ("init"/"trained"), ``curvature`` and the statistics of
             :func:`ifutils.spectrum.spectrum_stats`.
     """
+    rows = [preferred_estimates(r) for r in rows]
     panels = [("mean", "m = tr(C) / P", -1), ("second_moment", "s = tr(C^2) / P", 0), ("lambda_max", "lambda_max", 1)]
     curvatures = sorted({r["curvature"] for r in rows}, key=["F", "H", "EF"].index)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))

@@ -277,3 +277,13 @@ def spectrum_stats(
         results[name] = stats
     bar.close()
     return results
+
+
+def preferred_estimates(entry: dict) -> dict:
+    """``entry`` (a :func:`spectrum_stats` result with ``width``/``state``/``curvature``) with its exact m, s and
+    lambda_max in place of the probe estimates where it has them (the EF, from its n x n Gram matrix), their standard
+    errors then 0; other entries are returned unchanged. Tables and figures use this, so they show the exact values."""
+    exact = entry.get("exact")
+    if not exact:
+        return entry
+    return {**entry, **exact, **{f"{k}_se": 0.0 for k in exact if f"{k}_se" in entry}}

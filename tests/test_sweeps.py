@@ -68,3 +68,16 @@ def test_findings_tables_report_slopes_and_seed_spread(tmp_path):
     text = findings(tmp_path, "missing", ())
     assert "m -1.00 (theory -1), s +0.00 (0), lambda_max +1.00 (+1)" in text
     assert "150.00 +- 0.40" in text and "GGN        delta ppl  -1.000 +- 0.200" in text
+
+
+def test_spectrum_table_prefers_exact_values_over_probe_estimates():
+    from ifutils.findings import spectrum_table
+
+    # probe estimates deliberately off by 10x; the exact slopes are -1 (m) and +1 (lambda_max)
+    entries = {f"h{m}/trained/EF": {"width": m, "state": "trained", "curvature": "EF", "mean": 30.0, "mean_se": 1.0,
+                                    "second_moment": 2.0, "second_moment_se": 0.1, "lambda_max": 5.0,
+                                    "exact": {"mean": 3.0 / m, "second_moment": 2.0, "lambda_max": 0.5 * m}}
+               for m in (64, 128, 256)}
+    text = spectrum_table({"entries": entries})
+    assert "slopes in width, trained EF: m -1.00 (theory -1), s +0.00 (0), lambda_max +1.00 (+1)" in text
+    assert f"{3.0 / 64:10.3e}" in text and "3.000e+01" not in text

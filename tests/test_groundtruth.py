@@ -9,6 +9,7 @@ from ifutils.curvature import hessian_and_ggn
 from ifutils.grads import per_sample_grads
 from ifutils.groundtruth import (
     GroundTruthConfig,
+    Retraining,
     SampleHessians,
     SubsetObjective,
     agreement_with_retraining,
@@ -113,6 +114,34 @@ def test_indefinite_newton_matrix_is_refused_with_advice():
     toy = Ridge()
     with pytest.raises(ValueError, match="raise the damping"):
         newton_solve(toy, newton_matrix=-torch.eye(4, dtype=torch.float64))
+
+
+def test_a_failed_resolve_is_a_nan_row_with_its_reason_and_is_left_out_of_the_correlations():
+    toy = Ridge()
+    star = newton_solve(toy, tol=1e-13)
+    stack = torch.einsum("ip,iq->ipq", toy.a, toy.a)
+    shift = 5.0 * toy.n * torch.eye(4, dtype=torch.float64)  # moved from sample 1 to sample 0: the sum is unchanged,
+    stack[0], stack[1] = stack[0] + shift, stack[1] - shift  # so only removing sample 0 meets an indefinite matrix
+    hessians = SampleHessians(stack, toy.damping)
+    effects, info = removal_effects(toy, star.theta, hessians, [[0], [1], [2]], lambda th: th, 1e-13, desc=None)
+    assert torch.isnan(effects[0]).all() and "not positive definite" in info[0]["error"]
+    for row, i in ((effects[1], 1), (effects[2], 2)):  # the others still equal the closed form
+        w = toy.ones()
+        w[i] = 0.0
+        torch.testing.assert_close(row, toy.closed_form(w) - star.theta, rtol=0, atol=1e-12)
+    # agreement over the finite rows only, against a scipy loop over them
+    g = torch.Generator().manual_seed(2)
+    scores, loo = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g, dtype=torch.float64)
+    loo[4] = float("nan")
+    noise = {1e-12: torch.zeros(2, 3, dtype=torch.float64)}
+    pairs = [[0, 1], [2, 3], [1, 4], [0, 5]]
+    retraining = Retraining(star.theta, list(range(6)), loo, pairs, loo[:4], pairs, loo[:4], noise, {})
+    config = GroundTruthConfig(bootstrap=100)
+    got = agreement_with_retraining(scores, retraining, 6, config)["leave-one-out"]["pearson"]
+    keep = [0, 1, 2, 3, 5]
+    loop = np.mean([stats.pearsonr(-scores[keep, j].numpy() / 6, loo[keep, j].numpy())[0] for j in range(3)])
+    assert got == pytest.approx(loop, abs=1e-12)
+    assert noise_floor(retraining)["median_abs_loo"] == pytest.approx(float(loo[keep].abs().median()))
 
 
 def test_group_predictions_and_correlations_match_loops():

@@ -5,9 +5,9 @@ Full run (default PTB setting; about 30 minutes on 2 CPU cores, the naive route 
     IFUTILS_DATA_DIR=../shared/data .venv/bin/python benchmarks/exact_hessian.py --columns 16 --json benchmarks/results/exact_hessian.json
 
 Setting: the trained checkpoint, the default recurrent subset (p = 512 coordinates of the last weight_hh), the
-n_H = 500 training sentences that ``fisher_if.ipynb`` uses (``ifutils.study.choose_samples``), in float32 and
+n_H = 500 training sentences that ``fisher_if.ipynb`` uses (``ifutils.experiments.comparison.choose_samples``), in float32 and
 float64. In one run, per dtype:
-  * ``naive``: H column by column, ``ifutils.solvers.hvp_operator`` (forward-over-reverse through the
+  * ``naive``: H column by column, ``ifutils.curvature.inverse.hvp_operator`` (forward-over-reverse through the
     10,000-way softmax for every column) applied to blocks of identity columns, one row per ``--column-blocks``
     size (1: the literal column-by-column build; 16: 16 columns vmapped per pass, a tuned baseline). With
     ``--columns N`` only the first N columns are built and the time is extrapolated linearly to p: columns are
@@ -32,8 +32,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from ifutils.curvature import hessian_and_ggn
+from ifutils.curvature.inverse import hvp_operator
 from ifutils.data import bucket_batches, load_corpus
-from ifutils.grads import SubsetLoss, default_subset
+from ifutils.experiments.comparison import InfluenceConfig, choose_samples
 from ifutils.io import (
     atomic_write,
     check_corpus,
@@ -41,8 +42,7 @@ from ifutils.io import (
     load_checkpoint,
     project_path,
 )
-from ifutils.solvers import hvp_operator
-from ifutils.study import InfluenceConfig, choose_samples
+from ifutils.subset import SubsetLoss, default_subset
 
 
 def gemm_rate(dtype: torch.dtype, size: int, repeats: int) -> float:
@@ -131,7 +131,7 @@ def print_table(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="checkpoints/ptb_lstm.pt", help="trained PTB checkpoint")
-    parser.add_argument("--subset", default="recurrent", help="parameter subset kind (ifutils.grads.default_subset)")
+    parser.add_argument("--subset", default="recurrent", help="parameter subset kind (ifutils.subset.default_subset)")
     parser.add_argument("--num-coords", type=int, default=512, help="p, coordinates of the subset")
     parser.add_argument("--n-hessian", type=int, default=500, help="n_H, training sentences of the loss")
     parser.add_argument("--seed", type=int, default=0, help="seed of sentence and coordinate choice")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from ifutils.data import make_batch
-from ifutils.grads import SubsetLoss, select_subset
 from ifutils.model import LSTMLM, ModelConfig
+from ifutils.subset import SubsetLoss, select_subset
 
 EOS = 0
 

@@ -6,9 +6,9 @@ import torch
 
 from ifutils.curvature import DenseCurvature, check_dense_fits, empirical_fisher
 from ifutils.data import Corpus, Vocabulary, ptb_files
+from ifutils.experiments.comparison import InfluenceConfig, choose_samples
 from ifutils.io import load_checkpoint, save_checkpoint
 from ifutils.model import ModelConfig
-from ifutils.study import InfluenceConfig, choose_samples
 from ifutils.train import TrainConfig
 
 from .conftest import random_sentences, tiny_model

@@ -14,7 +14,8 @@ from ifutils.curvature import (
     token_empirical_fisher,
 )
 from ifutils.data import make_batch
-from ifutils.grads import SubsetLoss, per_sample_grads, per_token_grads, select_subset
+from ifutils.grads import per_sample_grads, per_token_grads
+from ifutils.subset import SubsetLoss, select_subset
 
 from .conftest import (
     SUBSETS,

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from ifutils.data import make_batch
-from ifutils.grads import default_subset, per_sample_grads, select_subset
+from ifutils.grads import per_sample_grads
+from ifutils.subset import default_subset, select_subset
 
 from .conftest import SUBSETS, subset_loss
 

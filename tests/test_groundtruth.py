@@ -6,24 +6,25 @@ import torch
 from scipy import stats
 
 from ifutils.curvature import hessian_and_ggn
-from ifutils.grads import per_sample_grads
-from ifutils.groundtruth import (
+from ifutils.experiments.ground_truth import (
     GroundTruthConfig,
     Retraining,
+    agreement_with_retraining,
+    finite_difference_check,
+    noise_floor,
+    retrain_all,
+)
+from ifutils.grads import per_sample_grads
+from ifutils.influence import influence
+from ifutils.metrics import bootstrap_ci, column_correlation
+from ifutils.resolve import (
     SampleHessians,
     SubsetObjective,
-    agreement_with_retraining,
-    bootstrap_ci,
-    column_correlation,
-    finite_difference_check,
     newton_solve,
-    noise_floor,
     predicted_removal_effects,
     random_groups,
     removal_effects,
-    retrain_all,
 )
-from ifutils.influence import influence
 
 from .conftest import random_sentences, subset_loss, tiny_model
 

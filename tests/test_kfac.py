@@ -4,12 +4,18 @@ over tokens and autograd gradients of the full weight matrices."""
 import pytest
 import torch
 
-from ifutils import kfac
+from ifutils.curvature import kfac
 from ifutils.curvature import empirical_fisher, hessian_and_ggn
+from ifutils.curvature.kfac import (
+    ekfac_curvature,
+    fit_kfac,
+    kfac_curvature,
+    token_signals,
+)
 from ifutils.data import make_batch
-from ifutils.grads import SubsetLoss, per_sample_grads, select_subset
-from ifutils.kfac import ekfac_curvature, fit_kfac, kfac_curvature, token_signals
+from ifutils.grads import per_sample_grads
 from ifutils.model import sentence_loss
+from ifutils.subset import SubsetLoss, select_subset
 
 from .conftest import EOS, enumerate_labels, random_sentences
 

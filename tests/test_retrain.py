@@ -4,9 +4,15 @@ import pytest
 import torch
 
 import ifutils.train
+from ifutils.experiments.plots import retrain_deltas
+from ifutils.experiments.retrain_check import (
+    METHODS,
+    RetrainConfig,
+    retrain_check,
+    top_percent,
+    without,
+)
 from ifutils.model import ModelConfig
-from ifutils.plots import retrain_deltas
-from ifutils.retrain import METHODS, RetrainConfig, retrain_check, top_percent, without
 from ifutils.train import TrainConfig, train_language_model
 
 from .test_train import toy_corpus

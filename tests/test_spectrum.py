@@ -5,15 +5,15 @@ import scipy.linalg
 import torch
 from torch.func import functional_call, jacrev
 
-from ifutils.data import make_batch
-from ifutils.model import sentence_loss
-from ifutils.spectrum import (
+from ifutils.curvature.estimators import (
     CurvatureProducts,
     hutchinson,
     lambda_max,
     rademacher,
-    spectrum_stats,
 )
+from ifutils.data import make_batch
+from ifutils.experiments.spectrum import spectrum_stats
+from ifutils.model import sentence_loss
 
 from .conftest import EOS, random_sentences, tiny_model
 

@@ -2,8 +2,7 @@
 
 import torch
 
-from ifutils.grads import per_sample_grads
-from ifutils.study import (
+from ifutils.experiments.comparison import (
     REFERENCE,
     InfluenceConfig,
     StageTimer,
@@ -14,6 +13,7 @@ from ifutils.study import (
     hessian_free_scores,
     matrix_errors,
 )
+from ifutils.grads import per_sample_grads
 
 from .conftest import random_sentences, subset_loss
 

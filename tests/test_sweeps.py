@@ -2,9 +2,9 @@
 
 import torch
 
-from ifutils.grads import default_subset
-from ifutils.study import REFERENCE, InfluenceConfig
-from ifutils.sweeps import agreement_with_ci, estimation_rows, setting_rows
+from ifutils.experiments.comparison import REFERENCE, InfluenceConfig
+from ifutils.experiments.sweeps import agreement_with_ci, estimation_rows, setting_rows
+from ifutils.subset import default_subset
 
 from .conftest import EOS, random_sentences, subset_loss
 
@@ -57,7 +57,7 @@ def test_embedding_subset_takes_rows_of_the_most_frequent_words(model):
 def test_findings_tables_report_slopes_and_seed_spread(tmp_path):
     import json
 
-    from ifutils.findings import findings
+    from ifutils.experiments.findings import findings
 
     entries = {f"h{m}/init/F": {"width": m, "state": "init", "curvature": "F", "mean": 3.0 / m, "second_moment": 2.0,
                                 "lambda_max": 0.5 * m} for m in (64, 128, 256)}
@@ -71,7 +71,7 @@ def test_findings_tables_report_slopes_and_seed_spread(tmp_path):
 
 
 def test_spectrum_table_prefers_exact_values_over_probe_estimates():
-    from ifutils.findings import spectrum_table
+    from ifutils.experiments.findings import spectrum_table
 
     # probe estimates deliberately off by 10x; the exact slopes are -1 (m) and +1 (lambda_max)
     entries = {f"h{m}/trained/EF": {"width": m, "state": "trained", "curvature": "EF", "mean": 30.0, "mean_se": 1.0,

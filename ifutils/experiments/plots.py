@@ -9,7 +9,7 @@ import matplotlib.ticker
 import numpy as np
 import torch
 
-from .io import atomic_write
+from ..io import atomic_write
 from .spectrum import preferred_estimates
 
 
@@ -124,7 +124,7 @@ def spectra(eigenvalues: dict[str, torch.Tensor], label: str, path: str | os.Pat
 
 def retrain_deltas(results: dict, label: str, path: str | os.PathLike, split: str = "valid") -> plt.Figure:
     """Change of validation perplexity after removing each method's top k% and retraining
-    (:func:`ifutils.retrain.retrain_check`): bar = mean over seeds of ppl(removed) - ppl(full), error bar = its
+    (:func:`ifutils.experiments.retrain_check.retrain_check`): bar = mean over seeds of ppl(removed) - ppl(full), error bar = its
     seed-to-seed std, dots = single seeds; the grey band is +- the full-data perplexity's seed-to-seed std, the
     noise floor a change must clear (Basu et al. 2021). Below zero: the removal helped."""
     methods = list(results["methods"])
@@ -150,12 +150,12 @@ def spectrum_scaling(rows: list[dict], label: str, path: str | os.PathLike) -> p
     """Log-log scaling with the width M of m = tr(C)/P, s = tr(C^2)/P and lambda_max (Karakida et al. 2019,
     Theorem 1: O(1/M), O(1) and O(M)), one line per curvature (colour) and state (solid trained, dashed init),
     its least-squares slope in log-log in the legend; the grey line is the theory's slope. Error bars: +-2 standard
-    errors of the Hutchinson estimates; exact values where a row has them (:func:`~ifutils.spectrum.preferred_estimates`).
+    errors of the Hutchinson estimates; exact values where a row has them (:func:`~ifutils.curvature.estimators.preferred_estimates`).
     Non-positive values (an indefinite Hessian's mean) are left out.
 
     Args:
         rows: dicts with ``width``, ``state`` ("init"/"trained"), ``curvature`` and the statistics of
-            :func:`ifutils.spectrum.spectrum_stats`.
+            :func:`ifutils.curvature.estimators.spectrum_stats`.
     """
     rows = [preferred_estimates(r) for r in rows]
     panels = [("mean", "m = tr(C) / P", -1), ("second_moment", "s = tr(C^2) / P", 0), ("lambda_max", "lambda_max", 1)]

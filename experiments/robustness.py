@@ -1,4 +1,4 @@
-"""Robustness sweeps of the Fisher-vs-Hessian comparison on PTB (ifutils.sweeps), one figure and table each.
+"""Robustness sweeps of the Fisher-vs-Hessian comparison on PTB (ifutils.experiments.sweeps), one figure and table each.
 
 Sweeps (each resumable: finished settings are kept in the results file and skipped on a rerun):
   estimation   sentences per curvature estimate, Monte Carlo label draws, and damping (main model)
@@ -6,9 +6,9 @@ Sweeps (each resumable: finished settings are kept in the results file and skipp
   seeds        model seeds 0, 1, 2 (checkpoints/ptb_lstm.pt, ptb_lstm_s1.pt, ptb_lstm_s2.pt)
   checkpoints  epochs 1, 3, 5 of the seed-1 model (checkpoints/ptb_lstm_s1_epoch{k}.pt)
   widths       hidden width 64, 128, 256 (checkpoints/ptb_lstm_h64.pt, ptb_lstm_h128.pt, ptb_lstm.pt)
-Models come from scripts/train_family.sh; a missing checkpoint skips its setting with a message.
+Models come from experiments/train_family.sh; a missing checkpoint skips its setting with a message.
 
-Usage: IFUTILS_DATA_DIR=../shared/data .venv/bin/python scripts/robustness.py [--sweeps estimation subsets ...]
+Usage: IFUTILS_DATA_DIR=../shared/data .venv/bin/python experiments/robustness.py [--sweeps estimation subsets ...]
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import json
 import time
 from pathlib import Path
 
-from ifutils import plots
 from ifutils.data import load_corpus
-from ifutils.grads import SubsetLoss, default_subset
+from ifutils.experiments import plots
+from ifutils.experiments.comparison import InfluenceConfig, choose_samples
+from ifutils.experiments.sweeps import estimation_rows, setting_rows
 from ifutils.io import load_checkpoint, project_path, update_results
-from ifutils.study import InfluenceConfig, choose_samples
-from ifutils.sweeps import estimation_rows, setting_rows
+from ifutils.subset import SubsetLoss, default_subset
 
 MODELS = {
     "seeds": [("seed", s, f"checkpoints/{name}.pt") for s, name in ((0, "ptb_lstm"), (1, "ptb_lstm_s1"), (2, "ptb_lstm_s2"))],
@@ -92,7 +92,7 @@ def run_models(sweep, config, samples, args, results, figures) -> None:
         if label in points:
             continue
         if not Path(project_path(path)).is_file():
-            print(f"{sweep}: {path} is missing; train it with scripts/train_family.sh, then rerun this sweep")
+            print(f"{sweep}: {path} is missing; train it with experiments/train_family.sh, then rerun this sweep")
             continue
         start = time.perf_counter()
         model, vocab, _ = load_checkpoint(project_path(path))

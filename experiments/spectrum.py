@@ -3,11 +3,11 @@
 For each width M (embedding = hidden = M) and state ("init": the seeded initialisation that training starts
 from; "trained": checkpoints/ptb_lstm_h{M}.pt, or checkpoints/ptb_lstm.pt for M = 256 when its configuration
 is the family's), computes m = tr(C)/P, s = tr(C^2)/P and lambda_max of the true Fisher (F = GGN), the Hessian
-(H) and the sentence-level empirical Fisher (EF) on n seeded training sentences (ifutils.spectrum). Every
+(H) and the sentence-level empirical Fisher (EF) on n seeded training sentences (ifutils.curvature.estimators). Every
 finished (width, state, curvature) is written to the results JSON at once, so a rerun resumes; then the
-scaling figure is drawn. Trained checkpoints come from scripts/train_family.sh.
+scaling figure is drawn. Trained checkpoints come from experiments/train_family.sh.
 
-    IFUTILS_DATA_DIR=../shared/data .venv/bin/python scripts/spectrum.py
+    IFUTILS_DATA_DIR=../shared/data .venv/bin/python experiments/spectrum.py
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ifutils.curvature.estimators import CURVATURES
 from ifutils.data import load_corpus
+from ifutils.experiments.plots import spectrum_scaling
+from ifutils.experiments.spectrum import spectrum_stats
 from ifutils.io import environment, load_checkpoint, project_path, update_results
 from ifutils.model import LSTMLM, ModelConfig
-from ifutils.plots import spectrum_scaling
-from ifutils.spectrum import CURVATURES, spectrum_stats
 
 FAMILY_TRAIN = {"batch_size": 32, "lr": 2e-3, "clip": 1.0, "seed": 0, "max_train_sentences": None}  # = main model's
 
@@ -87,7 +88,7 @@ def main() -> None:
             else:
                 path = trained_checkpoint(width, vocab_size)
                 if path is None:
-                    print(f"width {width}: no trained checkpoint (run scripts/train_family.sh); skipped")
+                    print(f"width {width}: no trained checkpoint (run experiments/train_family.sh); skipped")
                     continue
                 model, vocab, payload = load_checkpoint(path)
                 if vocab.itos != corpus.vocab.itos:

@@ -38,10 +38,10 @@ from dataclasses import dataclass
 import torch
 from torch.func import grad, vmap
 
-from .cache import derive_seed
-from .curvature import BlockCurvature, check_dense_fits
-from .grads import SubsetLoss, sample_labels
-from .model import token_nll
+from ..cache import derive_seed
+from ..model import token_nll
+from ..subset import SubsetLoss, sample_labels
+from .base import BlockCurvature, check_dense_fits
 
 LABELS = ("model", "data")
 

@@ -3,7 +3,7 @@
 Each setting (a model seed, a training checkpoint, a parameter subset, a hidden width, the number of sentences a
 curvature is estimated from, the number of Monte Carlo label draws) gives one row per curvature: its influence's
 Pearson and Spearman correlation with exact-Hessian influence (means over test sentences, the protocol of
-:func:`ifutils.evaluate.agreement`), each with a bootstrap 95 % interval over test sentences, at one absolute damping
+:func:`ifutils.metrics.agreement`), each with a bootstrap 95 % interval over test sentences, at one absolute damping
 shared by the curvature and the reference H + lambda I. Rows whose reference is indefinite are flagged.
 """
 
@@ -14,11 +14,12 @@ import dataclasses
 import numpy as np
 import torch
 
-from .curvature import Curvature, mc_true_fisher, scale_damping
-from .grads import SubsetLoss, default_subset, per_sample_grads
-from .groundtruth import bootstrap_ci, column_correlation
-from .influence import influence
-from .study import (
+from ..curvature import Curvature, mc_true_fisher, scale_damping
+from ..grads import per_sample_grads
+from ..influence import influence
+from ..metrics import bootstrap_ci, column_correlation
+from ..subset import SubsetLoss, default_subset
+from .comparison import (
     REFERENCE,
     InfluenceConfig,
     StageTimer,
@@ -75,7 +76,7 @@ def setting_rows(
     """The comparison for one model and subset (``config.subset``): rows of :func:`curvature_rows` at the damping
     :func:`~ifutils.curvature.scale_damping` (models and subsets differ in curvature scale by orders of magnitude, so
     one absolute lambda would be negligible for some and leave H + lambda I indefinite for others), and the
-    eigenvalue statistics (:func:`~ifutils.study.spectrum_summary`) of H and the
+    eigenvalue statistics (:func:`~ifutils.experiments.comparison.spectrum_summary`) of H and the
     GGN, with the damping that maximises each curvature's Spearman correlation over ``config.absolute_dampings``
     (reference fixed at that damping) for relating it to those statistics (Karakida et al. 2019)."""
     subset = default_subset(model, config.subset, config.num_coords, config.seed)

@@ -88,7 +88,7 @@ def retrain_table(retrain: dict) -> str:
 
 def spectrum_table(spectrum: dict) -> str:
     """m, s and lambda_max per width, state and curvature (exact ones where the file has them:
-    :func:`~ifutils.spectrum.preferred_estimates`), and the fitted log-log slope in width of each."""
+    :func:`~ifutils.curvature.estimators.preferred_estimates`), and the fitted log-log slope in width of each."""
     entries = [preferred_estimates(e) for e in spectrum["entries"].values()]
     lines = [f"{'width':>5s} {'state':8s} {'C':3s} {'mean m':>10s} {'s':>10s} {'lambda_max':>10s}"]
     for e in sorted(entries, key=lambda e: (e["state"], e["curvature"], e["width"])):

@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass
 import torch
 from scipy import stats
 
-from .config import require_positive, validate_fields
-from .curvature import (
+from ..config import require_positive, validate_fields
+from ..curvature import (
     Curvature,
     DenseCurvature,
     DiagonalCurvature,
@@ -22,15 +22,15 @@ from .curvature import (
     hessian_and_ggn,
     mc_true_fisher,
 )
-from .data import Corpus
-from .evaluate import agreement
-from .grads import SubsetLoss
-from .influence import (
+from ..data import Corpus
+from ..influence import (
     gradient_similarity,
     influence,
     outlier_scores,
     self_influence,
 )
+from ..metrics import agreement
+from ..subset import SubsetLoss
 
 REFERENCE = "Hessian"
 GGN = "GGN (true Fisher, closed form)"
@@ -42,7 +42,7 @@ class InfluenceConfig:
 
     Attributes:
         subset: ``"recurrent"`` (last ``weight_hh``), ``"decoder"`` (``decoder.weight``) or ``"lstm+decoder"``
-            (see :func:`~ifutils.grads.default_subset`).
+            (see :func:`~ifutils.subset.default_subset`).
         num_coords: p, coordinates drawn (seeded) from the subset's tensors.
         n_hessian: n_H training sentences every curvature is estimated from.
         n_train: training sentences scored (the n_H sentences are the first n_H of them).
@@ -147,7 +147,7 @@ def build_curvatures(
     * KFAC and EK-FAC with true-Fisher labels, when every subset tensor is a decoder or last-LSTM-layer one;
     * EF by the Woodbury identity when n_H < p (exact, never a p x p inverse);
     * iHVP solvers without a formed inverse: CG, LiSSA and Arnoldi on the Hessian (applied as a matrix-vector
-      product of the exact H, so that only the solver's error is measured; ``ifutils.solvers.hvp_operator``
+      product of the exact H, so that only the solver's error is measured; ``ifutils.curvature.inverse.hvp_operator``
       gives the same products by autodiff), and DataInf on the EF (over the whole subset, not per layer as in
       Kwon et al.). LiSSA's scale is 1.1 (|lambda|_max + damping) with |lambda|_max the largest Arnoldi Ritz
       value, depth ``lissa_depth``. Arnoldi keeps the ``arnoldi_rank`` largest-magnitude Ritz pairs, once as
@@ -162,7 +162,12 @@ def build_curvatures(
     Returns:
         name -> Curvature, the Hessian first.
     """
-    from .kfac import ekfac_curvature, fit_kfac, kfac_curvature, uncovered_tensors
+    from ..curvature.kfac import (
+        ekfac_curvature,
+        fit_kfac,
+        kfac_curvature,
+        uncovered_tensors,
+    )
 
     out: dict[str, Curvature] = {}
 
@@ -201,7 +206,11 @@ def build_curvatures(
 
 def _add_solvers(add, out, hess, train_grads_h, lengths, config) -> None:
     """The Woodbury EF, CG, LiSSA, Arnoldi and DataInf of :func:`build_curvatures`."""
-    from .solvers import ArnoldiCurvature, DataInfCurvature, OperatorCurvature
+    from ..curvature.inverse import (
+        ArnoldiCurvature,
+        DataInfCurvature,
+        OperatorCurvature,
+    )
 
     if len(train_grads_h) < hess.p:
         add("EF (Woodbury)", lambda: LowRankCurvature.empirical_fisher(train_grads_h, lengths))
@@ -310,7 +319,7 @@ def damping_sweep(
     curvature has no damping in this mode), ``reference_indefinite`` (True when
     H + lambda_H I has a negative eigenvalue, so the "exact" reference itself is not a minimum-based
     influence), ``warnings`` (what a solver reported, e.g. non-convergence) and the
-    :func:`~ifutils.evaluate.agreement` metrics. ``fixed_scores`` (damping-free, e.g. the gradient cosine)
+    :func:`~ifutils.metrics.agreement` metrics. ``fixed_scores`` (damping-free, e.g. the gradient cosine)
     get one row per absolute damping of the reference, ``mode="none"``.
     """
     rows = []

@@ -1,7 +1,7 @@
 """Ground truth by retraining the whole model: remove the sentences an influence method ranks most harmful.
 
 Influence of training sentence i on the validation objective (Koh & Liang 2017, eq. 2), on the recurrent
-parameter subset (:func:`ifutils.grads.default_subset`) of a small model trained on the first n sentences:
+parameter subset (:func:`ifutils.subset.default_subset`) of a small model trained on the first n sentences:
 
     I_i = -g_val^T (C + lambda I)^{-1} g_i,
 
@@ -27,20 +27,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .cache import fingerprint
-from .config import require_positive, validate_fields
-from .curvature import (
+from ..cache import fingerprint
+from ..config import require_positive, validate_fields
+from ..curvature import (
     IdentityCurvature,
     empirical_fisher,
     hessian_and_ggn,
     scale_damping,
 )
-from .data import Corpus
-from .grads import SubsetLoss, default_subset, per_sample_grads
-from .influence import influence
-from .io import atomic_write, environment
-from .model import LSTMLM, ModelConfig
-from .train import TrainConfig, perplexity, train_language_model
+from ..data import Corpus
+from ..grads import per_sample_grads
+from ..influence import influence
+from ..io import atomic_write, environment
+from ..model import LSTMLM, ModelConfig
+from ..subset import SubsetLoss, default_subset
+from ..train import TrainConfig, perplexity, train_language_model
 
 METHODS = ("Hessian", "GGN", "EF", "identity", "random")
 

@@ -1,4 +1,5 @@
-"""Spectrum statistics of the whole network's curvature, matrix-free (Karakida, Akaho, Amari 2019).
+"""Matrix-free trace and eigenvalue estimators, and whole-network curvature-vector products (Karakida, Akaho,
+Amari 2019 statistics).
 
 The objective is L(theta) = (1/n) sum_i l_i(theta), l_i the mean token NLL of sentence i in nats (the scale of
 :func:`ifutils.curvature.hessian_and_ggn`), theta all P parameters or the named tensors. With T_i tokens in
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 import warnings
 from collections.abc import Callable
 
@@ -33,8 +33,8 @@ from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 from torch.func import functional_call, grad, jvp, vjp
 from tqdm.auto import tqdm
 
-from .data import bucket_batches, make_batch
-from .model import LSTMLM, sentence_loss
+from ..data import bucket_batches, make_batch
+from ..model import LSTMLM, sentence_loss
 
 CURVATURES = ("F", "H", "EF")
 Matvec = Callable[[torch.Tensor], torch.Tensor]
@@ -160,32 +160,45 @@ def rademacher(probes: int, p: int, seed: int, dtype=torch.float64, device="cpu"
     return (torch.randint(0, 2, (probes, p), generator=g) * 2 - 1).to(dtype=dtype, device=device)
 
 
-def hutchinson(matvec: Matvec, probes: torch.Tensor) -> dict:
-    """Hutchinson (1990) estimates of m = tr(C)/P and s = tr(C^2)/P from the given probes.
+def hutchinson(matvec: Matvec, probes: torch.Tensor, block: int | None = None) -> dict:
+    """Hutchinson (1990, "A stochastic estimator of the trace of the influence matrix for Laplacian smoothing
+    splines") estimates of m = tr(C)/P and s = tr(C^2)/P from the given probes: the one trace estimator of
+    ``ifutils``.
 
     With q_k = v_k^T C v_k and r_k = ||C v_k||^2: m = mean(q)/P, s = mean(r)/P, unbiased when
-    E[v v^T] = I (Rademacher probes); exact when (1/K) sum_k v_k v_k^T = I (e.g. Hadamard rows).
+    E[v v^T] = I (Rademacher probes, :func:`rademacher`); exact when (1/K) sum_k v_k v_k^T = I (e.g. Hadamard
+    rows) and, for m, when C is diagonal. The variance of tr estimated from K Rademacher probes is
+    2 (||C||_F^2 - sum_a C_aa^2) / K.
 
     Args:
-        matvec: (P,) -> (P,) product with a symmetric C.
+        matvec: product with a symmetric C: (P,) -> (P,) when ``block`` is None, else (P, b) -> (P, b), b <= block
+            columns per call (bounds the memory of a vmapped operator such as
+            :func:`ifutils.curvature.inverse.hvp_operator`).
         probes: (K, P) probe vectors, K >= 1.
+        block: probes per call of ``matvec``, or None for one (P,) vector per call.
     Returns:
-        dict with ``mean``, ``second_moment`` and their standard errors ``mean_se``, ``second_moment_se``
-        (sample std / sqrt(K) / P; NaN for K = 1), in the units of C and C^2.
+        dict with ``trace`` (tr C estimate), ``mean``, ``second_moment`` and their standard errors ``mean_se``,
+        ``second_moment_se`` (sample std / sqrt(K) / P; NaN for K = 1), in the units of C and C^2.
     Raises:
-        ValueError: no probes.
+        ValueError: no probes, or block < 1.
     """
     if probes.dim() != 2 or len(probes) < 1:
         raise ValueError(f"probes must be a (K, P) tensor with K >= 1, got shape {tuple(probes.shape)}")
+    if block is not None and block < 1:
+        raise ValueError(f"block must be >= 1 or None, got {block}")
     q, r = [], []
-    for v in probes:
-        cv = matvec(v).double()
-        q.append(float(v.double() @ cv))
-        r.append(float(cv @ cv))
+    step = 1 if block is None else block
+    for start in range(0, len(probes), step):
+        vs = probes[start : start + step]
+        cvs = matvec(vs[0]).double()[None] if block is None else matvec(vs.T).double().T
+        for v, cv in zip(vs, cvs):
+            cv = cv.cpu()
+            q.append(float(v.double().cpu() @ cv))
+            r.append(float(cv @ cv))
     p, k = probes.shape[1], len(probes)
-    se = lambda x: float(np.std(x, ddof=1)) / math.sqrt(k) / p if k > 1 else math.nan
-    return {"mean": float(np.mean(q)) / p, "mean_se": se(q), "second_moment": float(np.mean(r)) / p,
-            "second_moment_se": se(r)}
+    se = lambda x: float(np.std(x, ddof=1)) / math.sqrt(k) / p if k > 1 else math.nan  # noqa: E731
+    return {"trace": float(np.mean(q)), "mean": float(np.mean(q)) / p, "mean_se": se(q),
+            "second_moment": float(np.mean(r)) / p, "second_moment_se": se(r)}
 
 
 def lambda_max(matvec: Matvec, p: int, dtype=torch.float64, device="cpu", tol: float = 1e-3,
@@ -217,73 +230,3 @@ def lambda_max(matvec: Matvec, p: int, dtype=torch.float64, device="cpu", tol: f
     except ArpackNoConvergence as err:
         value, converged = (float(err.eigenvalues.max()) if len(err.eigenvalues) else math.nan), False
     return {"lambda_max": value, "lanczos_converged": converged, "lanczos_matvecs": count[0]}
-
-
-def spectrum_stats(
-    model: LSTMLM,
-    sentences: list[torch.Tensor],
-    eos_id: int,
-    curvatures: tuple[str, ...] = CURVATURES,
-    names: list[str] | None = None,
-    probes: int = 8,
-    tol: float = 1e-3,
-    max_matvecs: int = 60,
-    seed: int = 0,
-    batch_size: int = 32,
-) -> dict[str, dict]:
-    """m = tr(C)/P, s = tr(C^2)/P (Hutchinson) and lambda_max (Lanczos) for each curvature C of L.
-
-    Args:
-        model, sentences, eos_id, names, batch_size: as in :class:`CurvatureProducts`.
-        curvatures: a subset of ``("F", "H", "EF")``: true Fisher (= GGN), Hessian, sentence-level EF.
-        probes: Rademacher probes K >= 1 (the same ones, seeded by ``seed``, for every curvature).
-        tol, max_matvecs: Lanczos settings (:func:`lambda_max`).
-    Returns:
-        {name: {"P", "n", "probes", "mean", "mean_se", "second_moment", "second_moment_se", "lambda_max",
-        "lanczos_converged", "lanczos_matvecs", "seconds"}}; units: nats/token per parameter^2 for m and
-        lambda_max, their square for s. "EF" also has "exact": m, s and lambda_max from the n x n Gram matrix
-        G G^T / n, which has the EF's nonzero eigenvalues (its rank is at most n), a check on the estimators.
-    Raises:
-        ValueError: bad sentences or names (:class:`CurvatureProducts`), probes < 1, or an unknown curvature.
-    """
-    if probes < 1:
-        raise ValueError(f"probes must be >= 1, got {probes}")
-    unknown = [c for c in curvatures if c not in CURVATURES]
-    if unknown or not curvatures:
-        raise ValueError(f"unknown or no curvatures {unknown}; choose from {', '.join(CURVATURES)}")
-    ops = CurvatureProducts(model, sentences, eos_id, names, batch_size)
-    ref = next(iter(ops.params.values()))
-    vs = rademacher(probes, ops.p, seed, ref.dtype, ref.device)
-    results = {}
-    bar = tqdm(total=len(curvatures) * (probes + max_matvecs), desc="curvature-vector products", unit="Cv")
-    for name in curvatures:
-        start = time.perf_counter()
-        bar.set_postfix(curvature=name)
-
-        product = ops.matvec(name)
-
-        def counted(v, product=product):
-            bar.update()
-            return product(v)
-
-        stats = {"P": ops.p, "n": len(sentences), "probes": probes, **hutchinson(counted, vs),
-                 **lambda_max(counted, ops.p, ref.dtype, ref.device, tol, max_matvecs, seed)}
-        if name == "EF":
-            g = ops.sentence_grads()
-            gram = torch.linalg.eigvalsh((g @ g.T).double() / len(g))
-            stats["exact"] = {"mean": float(gram.sum()) / ops.p, "second_moment": float(gram.square().sum()) / ops.p,
-                              "lambda_max": float(gram[-1])}
-        stats["seconds"] = time.perf_counter() - start
-        results[name] = stats
-    bar.close()
-    return results
-
-
-def preferred_estimates(entry: dict) -> dict:
-    """``entry`` (a :func:`spectrum_stats` result with ``width``/``state``/``curvature``) with its exact m, s and
-    lambda_max in place of the probe estimates where it has them (the EF, from its n x n Gram matrix), their standard
-    errors then 0; other entries are returned unchanged. Tables and figures use this, so they show the exact values."""
-    exact = entry.get("exact")
-    if not exact:
-        return entry
-    return {**entry, **exact, **{f"{k}_se": 0.0 for k in exact if f"{k}_se" in entry}}

@@ -1,8 +1,8 @@
-"""Full-model retraining check of influence methods on PTB (``ifutils.retrain``; Basu et al. 2021).
+"""Full-model retraining check of influence methods on PTB (``ifutils.experiments.retrain_check``; Basu et al. 2021).
 
 Default setting (about 11 minutes on 2 uncontended CPU cores; several times longer when they are shared):
 
-    IFUTILS_DATA_DIR=../shared/data .venv/bin/python scripts/retrain_check.py
+    IFUTILS_DATA_DIR=../shared/data .venv/bin/python experiments/retrain_check.py
 
 Every ``RetrainConfig`` field is an option (``--n-train 5000 --seeds 0 1 2 --methods GGN random``). Writes
 ``results/retrain_check.json`` and ``figures/ptb_retrain_check.png``; each training is a checkpoint under
@@ -16,9 +16,9 @@ import dataclasses
 import typing
 
 from ifutils.data import load_corpus
+from ifutils.experiments.plots import retrain_deltas
+from ifutils.experiments.retrain_check import RetrainConfig, retrain_check
 from ifutils.io import project_path, resolve_device
-from ifutils.plots import retrain_deltas
-from ifutils.retrain import RetrainConfig, retrain_check
 
 
 def main() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 from scipy import stats
@@ -54,3 +56,29 @@ def _top_k_overlap(ref: np.ndarray, est: np.ndarray, k: int, largest: bool) -> f
     top = lambda a: np.argsort(sign * a, axis=0, kind="stable")[:k]  # noqa: E731
     r, e = top(ref), top(est)
     return float(np.mean([len(set(r[:, j]) & set(e[:, j])) / k for j in range(ref.shape[1])]))
+
+
+def column_correlation(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray, kind: str) -> float:
+    """Mean over columns j of the Pearson or Spearman correlation of a[:, j] and b[:, j] (rows: removals or
+    subsets). Spearman is Pearson on ranks (ties get their average rank, ``scipy.stats.rankdata``). Vectorised
+    over columns, so that bootstrap resamples are cheap. A constant column (a test sentence no subset coordinate
+    touches, e.g. for embedding rows) has no correlation and is left out of the mean."""
+    if kind not in ("pearson", "spearman"):
+        raise ValueError(f"kind must be 'pearson' or 'spearman', got {kind!r}")
+    a, b = (np.asarray(x.double().cpu() if torch.is_tensor(x) else x, dtype=np.float64) for x in (a, b))
+    if kind == "spearman":
+        a, b = stats.rankdata(a, axis=0), stats.rankdata(b, axis=0)
+    a, b = a - a.mean(0), b - b.mean(0)
+    norms = np.sqrt((a * a).sum(0) * (b * b).sum(0))
+    defined = norms > 0
+    return float(np.mean((a * b).sum(0)[defined] / norms[defined])) if defined.any() else float("nan")
+
+
+def bootstrap_ci(statistic: Callable[[np.ndarray], float], n: int, seed: int = 0, resamples: int = 1000,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of ``statistic(rows)`` over n resampled rows (e.g. removals),
+    with ``scipy.stats.bootstrap``. ``statistic`` receives an int array of row indices (with repeats)."""
+    result = stats.bootstrap((np.arange(n),), lambda idx: statistic(idx.astype(int)), vectorized=False,
+                             n_resamples=resamples, confidence_level=level, method="percentile",
+                             random_state=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)

@@ -1,8 +1,8 @@
-"""The retraining ground truth of fisher_if.ipynb alone (ifutils.groundtruth.ground_truth_study), without the rest of
+"""The retraining ground truth of fisher_if.ipynb alone (ifutils.experiments.ground_truth.ground_truth_study), without the rest of
 the comparison: for long runs, and to resume one. Writes the ``ground_truth`` section of results/<tag>.json and
 figures/<tag>_retraining_*.png, with <tag> as in the notebook (ptb, ptb_decoder, ...).
 
-Usage: IFUTILS_DATA_DIR=../shared/data .venv/bin/python scripts/ground_truth.py --subset recurrent --damping 3e-4
+Usage: IFUTILS_DATA_DIR=../shared/data .venv/bin/python experiments/ground_truth.py --subset recurrent --damping 3e-4
 """
 
 from __future__ import annotations
@@ -13,11 +13,15 @@ import time
 import torch
 
 from ifutils.data import load_corpus
-from ifutils.findings import ground_truth_table
-from ifutils.grads import default_subset
-from ifutils.groundtruth import GroundTruthConfig, ground_truth_study, save_ground_truth
+from ifutils.experiments.comparison import InfluenceConfig, choose_samples
+from ifutils.experiments.findings import ground_truth_table
+from ifutils.experiments.ground_truth import (
+    GroundTruthConfig,
+    ground_truth_study,
+    save_ground_truth,
+)
 from ifutils.io import check_corpus, load_checkpoint, project_path
-from ifutils.study import InfluenceConfig, choose_samples
+from ifutils.subset import default_subset
 
 
 def main() -> None:

@@ -5,7 +5,7 @@
 #   widths 64 and 128, seed 0, embedding = hidden -> checkpoints/ptb_lstm_h{64,128}.pt
 #   width 256, seeds 1 and 2                      -> checkpoints/ptb_lstm_s{1,2}.pt
 # Each run resumes from its checkpoint (a finished one is only loaded), so rerun after a kill.
-# Usage: IFUTILS_DATA_DIR=../shared/data bash scripts/train_family.sh [device]   (device: auto, cpu, cuda)
+# Usage: IFUTILS_DATA_DIR=../shared/data bash experiments/train_family.sh [device]   (device: auto, cpu, cuda)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1

@@ -28,21 +28,17 @@ import torch
 from torch.func import grad, jvp, vmap
 from tqdm.auto import tqdm
 
-from .cache import derive_seed
-from .curvature import (
-    Curvature,
-    Damping,
-    LowRankCurvature,
-    _check_invertible,
-    _describe,
-)
-from .grads import SubsetLoss
+from ..cache import derive_seed
+from ..subset import SubsetLoss
+from .base import Curvature, Damping, _check_invertible, _describe
+from .estimators import hutchinson, rademacher
+from .fisher import LowRankCurvature
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 """v -> C v for v of shape (p,) or (p, m), float64 in and out."""
 
 HUTCHINSON_PROBES = 32
-"""Rademacher probes of :func:`hutchinson_trace` by default: relative standard error
+"""Rademacher probes of :func:`~ifutils.curvature.estimators.hutchinson` by default: relative standard error
 sqrt(2 (||C||_F^2 - sum_a C_aa^2) / k) / tr(C), a few percent for a diagonally dominant C."""
 
 
@@ -494,29 +490,6 @@ def _weighted(grads: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor
     return g * weights.double().sqrt()[:, None]
 
 
-def hutchinson_trace(mv: MatVec, p: int, probes: int = HUTCHINSON_PROBES, seed: int = 0, block: int = 8) -> float:
-    """tr(C) ~ (1/k) sum_j z_j^T C z_j with k Rademacher vectors z_j (Hutchinson 1989, "A stochastic estimator of
-    the trace of the influence matrix for Laplacian smoothing splines").
-
-    Unbiased, with variance 2 (||C||_F^2 - sum_a C_aa^2) / k: exact for a diagonal C.
-
-    Args:
-        mv: C as a matvec. p: dimension. probes: k >= 1. seed: seed of the probes (drawn on the CPU).
-        block: probes per call of ``mv`` (bounds the memory of a vmapped operator such as :func:`hvp_operator`).
-    Returns:
-        the estimate, a float.
-    """
-    if probes < 1 or block < 1:
-        raise ValueError(f"probes and block must be >= 1, got probes={probes}, block={block}")
-    generator = torch.Generator().manual_seed(seed)
-    z = torch.randint(0, 2, (p, probes), generator=generator).double() * 2 - 1
-    total = 0.0
-    for start in range(0, probes, block):
-        zb = z[:, start : start + block]
-        total += float((zb * mv(zb).double().cpu()).sum())
-    return total / probes
-
-
 class OperatorCurvature(Curvature):
     """A curvature known only through products C v; ``solve`` runs CG or LiSSA.
 
@@ -524,7 +497,7 @@ class OperatorCurvature(Curvature):
         mv: C as a matvec (e.g. :func:`hvp_operator`).
         p: dimension. name: label used in tables and figures.
         method: ``"cg"`` (:func:`conjugate_gradient`) or ``"lissa"`` (:func:`lissa`; needs ``scale`` and ``depth``).
-        trace: tr(C) if known; otherwise :meth:`mean_eigenvalue` estimates it by :func:`hutchinson_trace`
+        trace: tr(C) if known; otherwise :meth:`mean_eigenvalue` estimates it by :func:`~ifutils.curvature.estimators.hutchinson`
             with ``probes`` probes seeded by ``probe_seed`` (once, then cached).
         **solver_options: keyword arguments of the solver (tol, max_iter, scale, depth, ...). An option given
             as a callable is evaluated at each solve's damping, e.g. LiSSA's ``scale``, which must exceed the
@@ -563,7 +536,7 @@ class OperatorCurvature(Curvature):
     def mean_eigenvalue(self) -> float:
         """tr(C) / p: from ``trace`` if given, else a Hutchinson estimate (class docstring)."""
         if self._trace is None:
-            self._trace = hutchinson_trace(self.mv, self.p, self._probes, self._probe_seed)
+            self._trace = hutchinson(self.mv, rademacher(self._probes, self.p, self._probe_seed), block=8)["trace"]
         return self._trace / self.p
 
     def solve(self, v: torch.Tensor, damping: Damping) -> torch.Tensor:

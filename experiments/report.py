@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ifutils.experiments.report import write_results_md  # noqa: E402
+from ifutils.experiments.report import write_results_md
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -6,7 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from ifutils.experiments.report import REGENERATE, display, results_markdown, write_results_md
+from ifutils.experiments.report import (
+    REGENERATE,
+    display,
+    results_markdown,
+    write_results_md,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ["docs/results.md", "docs/method.md", "docs/failure-modes.md", "docs/findings.md", "experiments/README.md",

@@ -124,7 +124,7 @@ def comparison_markdown(table: list[dict]) -> str:
     """Markdown version of :func:`ifutils.experiments.comparison.format_comparison`: each curvature at the default
     damping and at its best damping (tuned against the exact answer), build seconds (``*``: a pass shared with other
     rows) and the bytes it holds."""
-    frac = lambda m: (m["top_frac_harmful"] + m["top_frac_helpful"]) / 2 if m else None  # noqa: E731
+    frac = lambda m: (m["top_frac_harmful"] + m["top_frac_helpful"]) / 2 if m else None
     rows = []
     for e in table:
         b, d = e["best"], e.get("default") or {}
@@ -166,10 +166,10 @@ def influence_markdown(name: str, inf: dict) -> str:
     distances, Monte Carlo Fisher error, Hessian-free detection."""
     c = inf.get("config", {})
     parts = [f"### `{name}`: {inf.get('data_label', inf.get('dataset', ''))}, subset {c.get('subset', '')}",
-             f"p = {inf.get('p')}, n_H = {inf.get('n_hessian')}, n_train = {inf.get('n_train')}, "
+             (f"p = {inf.get('p')}, n_H = {inf.get('n_hessian')}, n_train = {inf.get('n_train')}, "
              f"n_test = {inf.get('n_test')}, k = {c.get('mc_samples')} Monte Carlo draws, default damping "
              f"{c.get('default_damping')}, dtype {c.get('dtype')}; git commit "
-             f"`{inf.get('environment', {}).get('git_commit', '')[:7]}`."]
+             f"`{inf.get('environment', {}).get('git_commit', '')[:7]}`.")]
     if inf.get("comparison"):
         parts.append(f"Every curvature against H + {c.get('default_damping')} I (`influence.comparison`; top-10% = mean "
                      "of the harmful and helpful top-10% overlaps, chance 0.10; best = damping tuned against the exact "
@@ -205,18 +205,18 @@ def ground_truth_markdown(name: str, gt: dict) -> str:
     c = gt["config"]
     ref, h = gt.get("reference_solve", {}), gt.get("hessian_at_theta_star", {})
     parts = [f"### `{name}`: lambda = {c['damping']:g}, n = {c['n']}",
-             f"{c['n_loo']} leave-one-out, {c['n_groups']} groups of {c['group_size']}, LDS M = {c['lds_subsets']} "
+             (f"{c['n_loo']} leave-one-out, {c['n_groups']} groups of {c['group_size']}, LDS M = {c['lds_subsets']} "
              f"beta = {c['lds_fraction']}; tolerance {c['tol']:g} (LDS {c.get('lds_tol', c['tol']):g}); {c['bootstrap']} "
              f"bootstrap resamples over removals. theta*_S: {ref.get('iterations')} Newton steps, "
              f"{ref.get('hessian_evaluations')} exact Hessians, ||grad J|| = {_e(ref.get('grad_norm'))}, "
              f"||theta*_S - theta_hat|| = {_f(ref.get('distance_from_trained'), 2)}. Hessian at theta*_S: eigenvalues "
              f"{_e(h.get('min_eigenvalue'))} to {_e(h.get('max_eigenvalue'))}; per-sentence Hessians sum to it to "
-             f"{_e(h.get('sample_hessians_mean_error'))}."]
+             f"{_e(h.get('sample_hessians_mean_error'))}.")]
     solves = gt.get("solves", {})
     if solves:
         rows = [[k, s.get("solved"), s.get("failed"), _f(s.get("iterations_mean"), 2), s.get("iterations_max"),
                  s.get("hessians_max"), _e(s.get("grad_norm_max"))] for k, s in solves.items()]
-        parts.append(f"Re-solves (`ground_truth.solves`):\n\n" + _table(
+        parts.append("Re-solves (`ground_truth.solves`):\n\n" + _table(
             ["removal", "solved", "failed", "Newton steps, mean", "max", "Hessians re-formed, max", "max ||grad J||"], rows))
     floor = gt.get("noise_floor")
     if floor:
@@ -272,8 +272,8 @@ def _pivot(rows: list[dict], field: str) -> str:
 def robustness_markdown(robustness: dict) -> str:
     """``results/robustness.json``: the estimation sweeps (sentences, MC draws, damping) as curvature x setting
     tables, and each model/subset sweep as setting x curvature with its damping, H spectrum and best damping."""
-    parts = ["## Robustness sweeps\n\nFrom `results/robustness.json`: Spearman with exact-Hessian influence "
-             "[95 % CI over test sentences]; † = reference H + lambda I indefinite."]
+    parts = [("## Robustness sweeps\n\nFrom `results/robustness.json`: Spearman with exact-Hessian influence "
+             "[95 % CI over test sentences]; † = reference H + lambda I indefinite.")]
     for sweep, section in robustness.items():
         c = section.get("config", {})
         setting = ("" if sweep == "subsets" else f"subset {c.get('subset')}, ") + (
@@ -343,7 +343,7 @@ def spectrum_markdown(spectrum: dict) -> str:
             mine = sorted((e for e in entries if e["state"] == state and e["curvature"] == curv), key=lambda e: e["width"])
             if not mine:
                 continue
-            join = lambda f: " / ".join(f(e) for e in mine)  # noqa: E731
+            join = lambda f, mine=mine: " / ".join(f(e) for e in mine)
             keff = "" if curv == "H" else join(lambda e: f"{e['P'] * e['mean'] ** 2 / e['second_moment']:,.0f}")
             slopes = (", ".join(f"{_slope(mine, k):+.2f}" for k in ("mean", "second_moment", "lambda_max"))
                       if len(mine) >= 2 else "")

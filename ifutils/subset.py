@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
+from .progress import progress
 
 from .cache import ChunkCache
 from .data import bucket_batches, make_batch
@@ -218,7 +218,7 @@ class SubsetLoss:
                 f"drop empty samples, split long ones, or raise SubsetLoss(max_len=...)"
             )
         chunks = bucket_batches(lengths, chunk_size)
-        for idx in tqdm(chunks, desc=desc, leave=False, disable=desc is None):
+        for idx in progress(chunks, desc=desc, unit="chunk", leave=False, disable=desc is None):
             batch = make_batch([sentences[i] for i in idx], self.eos_id)
             yield (idx, *(t.to(self.device) for t in batch))
 

@@ -126,9 +126,22 @@ class LogBar(tqdm):
         self._last_emit = self._time()
         return True
 
+    def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
+        """As :meth:`tqdm.tqdm.set_postfix`, but never refreshes: inside a loop tqdm would show a stale count;
+        the next rate-limited line carries the new postfix."""
+        super().set_postfix(ordered_dict, refresh=False, **kwargs)
+
+    def set_postfix_str(self, s="", refresh=True):
+        """As :meth:`tqdm.tqdm.set_postfix_str`, never refreshing (see :meth:`set_postfix`)."""
+        super().set_postfix_str(s, refresh=False)
+
+    def set_description(self, desc=None, refresh=True):
+        """As :meth:`tqdm.tqdm.set_description`, never refreshing (see :meth:`set_postfix`)."""
+        super().set_description(desc, refresh=False)
+
     def close(self):
         """Close the bar; its final line is printed only if it printed before (a short bar stays silent)."""
-        if not self.disable and self._last_emit is not None:  # tqdm skips bars it thinks never displayed
+        if not getattr(self, "disable", True) and self._last_emit is not None:  # tqdm skips bars it thinks never displayed
             self.last_print_t = max(self.last_print_t, self.start_t + self.delay)
         super().close()
 

@@ -320,7 +320,9 @@ def ground_truth_study(
     timer = StageTimer()
     loss = SubsetLoss(model, param_subset, eos_id, torch.float64)
     objective = SubsetObjective(loss, samples["train"][: gt.n], gt.damping)
-    cache = loss.cache(cache_dir, {"stage": "ground truth", **gt.to_dict()}, objective.sentences, samples["test"])
+    # everything stored there is computed by ifutils.resolve, driven by these two functions (not by the plots)
+    cache = loss.cache(cache_dir, {"stage": "ground truth", **gt.to_dict()}, objective.sentences, samples["test"],
+                       code=("ifutils.resolve", solve_reference, retrain_all))
     with timer("solve theta*"):
         theta_star, reference = solve_reference(objective, gt, cache, theta_init)
     at_star = loss.at(theta_star)

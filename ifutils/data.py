@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from .progress import progress
 
 DATA_ENV = "IFUTILS_DATA_DIR"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -338,7 +338,7 @@ def _check_text8(chunk: bytes, offset: int, path: Path) -> None:
 def _text8_words(path: Path, start: int, stop: int, desc: str, block: int = 1 << 22):
     """Yield lists of words from bytes [start, stop) of a text8-format file, in blocks of ``block``
     bytes (memory stays bounded), checking the format; a word spanning blocks is kept whole."""
-    with open(path, "rb") as f, tqdm(total=stop - start, unit="B", unit_scale=True, desc=desc, leave=False) as bar:
+    with open(path, "rb") as f, progress(total=stop - start, unit="B", unit_scale=True, desc=desc, leave=False) as bar:
         f.seek(start)
         carry, last, pos = b"", b"", start
         while pos < stop:

@@ -46,7 +46,7 @@ def per_sample_grads(
     one = vmap(grad(loss.loss), in_dims=(None, 0, 0, 0))
     cache = loss.cache(
         cache_dir, {"stage": "per-sample gradients", "chunk_size": chunk_size, "sampled_labels": sampled_labels},
-        theta, sentences,
+        theta, sentences, code=__name__,
     )
     for j, (idx, inputs, targets, mask) in enumerate(loss.batches(sentences, chunk_size, desc)):
         grads = cache.get(f"chunk{j}") if cache else None

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
+from .progress import progress
 
 from .curvature import hessian_and_ggn
 from .data import make_batch
@@ -177,7 +177,7 @@ class SampleHessians:
         """One structured Hessian pass (:func:`~ifutils.curvature.hessian_and_ggn`) per sentence at ``theta``;
         groups of ``chunk`` sentences are stored in ``cache`` as they finish, so a killed run resumes."""
         parts = []
-        for start in tqdm(range(0, len(sentences), chunk), desc="per-sentence Hessians"):
+        for start in progress(range(0, len(sentences), chunk), desc="per-sentence Hessians", unit="group"):
             part = cache.get(f"sample_hessians{start}") if cache else None
             if part is None:
                 part = torch.stack([hessian_and_ggn(loss, [s], theta=theta)[0].matrix.cpu()
@@ -222,7 +222,7 @@ def removal_effects(
     """
     base = measure(theta_star)
     effects, info = [], []
-    for g, group in enumerate(tqdm(groups, desc=desc, disable=desc is None)):
+    for g, group in enumerate(progress(groups, desc=desc, unit="re-solve", disable=desc is None)):
         done = cache.get(f"{name}{g}") if cache else None
         if done is None:
             weights = objective.ones()

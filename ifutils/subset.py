@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
+from .progress import progress
 
 from .cache import ChunkCache
 from .data import bucket_batches, make_batch
@@ -178,13 +178,14 @@ class SubsetLoss:
             return base
         return base.flatten().index_put((self.indices[name],), self._part(theta, name).detach()).view_as(base)
 
-    def cache(self, cache_dir: str | os.PathLike | None, description: dict, *parts) -> ChunkCache | None:
-        """A :class:`~ifutils.cache.ChunkCache` keyed by ``description``, ``parts``, the subset and the
-        frozen weights, or None when ``cache_dir`` is None."""
+    def cache(self, cache_dir: str | os.PathLike | None, description: dict, *parts, code=None) -> ChunkCache | None:
+        """A :class:`~ifutils.cache.ChunkCache` keyed by ``description``, ``parts``, the subset, the frozen
+        weights and ``code`` (the module computing the stage, e.g. ``"ifutils.grads"``, with the package modules it
+        imports; see :func:`ifutils.cache.code_version`), or None when ``cache_dir`` is None."""
         if cache_dir is None:
             return None
         return ChunkCache(cache_dir, {**description, "subset": self.subset.to_dict(), "eos_id": self.eos_id}, self.base,
-                          self.subset.indices, *parts)
+                          self.subset.indices, *parts, code=code)
 
     def logits(
         self, theta: torch.Tensor, inputs: torch.Tensor, return_hidden: bool = False, gate_shift: torch.Tensor | None = None
@@ -218,7 +219,7 @@ class SubsetLoss:
                 f"drop empty samples, split long ones, or raise SubsetLoss(max_len=...)"
             )
         chunks = bucket_batches(lengths, chunk_size)
-        for idx in tqdm(chunks, desc=desc, leave=False, disable=desc is None):
+        for idx in progress(chunks, desc=desc, unit="chunk", leave=False, disable=desc is None):
             batch = make_batch([sentences[i] for i in idx], self.eos_id)
             yield (idx, *(t.to(self.device) for t in batch))
 

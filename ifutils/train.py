@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from .progress import log, progress
 
 from .config import require_positive, validate_fields
 from .data import Corpus, bucket_batches, make_batch
@@ -116,7 +116,7 @@ def train_language_model(
         model.train()
         generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
         batches = bucket_batches([len(s) for s in train], config.batch_size, shuffle=True, generator=generator)
-        running, bar = 0.0, tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False)
+        running, bar = 0.0, progress(batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False)
         for step, idx in enumerate(bar, 1):
             inputs, targets, mask = (t.to(device) for t in make_batch([train[i] for i in idx], eos_id))
             loss = sentence_loss(model(inputs), targets, mask).mean()
@@ -130,7 +130,7 @@ def train_language_model(
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
             optimizer.step()
             running += loss.item()
-            bar.set_postfix(loss=f"{running / step:.3f}")
+            bar.set_postfix(loss=f"{running / step:.3f}", refresh=False)
         valid_ppl = perplexity(model, corpus.splits["valid"], eos_id)
         lr = optimizer.param_groups[0]["lr"]
         history.append(
@@ -140,7 +140,7 @@ def train_language_model(
         if epoch > 0 and valid_ppl >= min(h["valid_ppl"] for h in history[:-1]):
             for group in optimizer.param_groups:
                 group["lr"] = lr / 2
-        tqdm.write(f"epoch {epoch + 1}: train loss {history[-1]['train_loss']:.3f}, valid ppl {valid_ppl:.1f}")
+        log(f"epoch {epoch + 1}: train loss {history[-1]['train_loss']:.3f}, valid ppl {valid_ppl:.1f}")
         state = {"train_config": asdict(config), "optimizer": optimizer.state_dict(), "rng_state": torch.get_rng_state(),
                  "history": history, "dataset": corpus.name, "window": corpus.window}
         if config.keep_epochs:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 from torch.func import functional_call, grad, jvp, vjp
-from tqdm.auto import tqdm
+from ..progress import progress
 
 from ..data import bucket_batches, make_batch
 from ..model import LSTMLM, sentence_loss
@@ -145,7 +145,7 @@ class CurvatureProducts:
         if self._grads is None:
             self._grads = torch.stack([
                 self._flat(grad(self._loss)(self.params, tuple(t.to(self.device) for t in make_batch([s], self.eos_id)), 1))
-                for s in tqdm(self.sentences, desc="per-sentence gradients", leave=False)])
+                for s in progress(self.sentences, desc="per-sentence gradients", unit="sentence", leave=False)])
         return self._grads
 
     def ef_vp(self, v: torch.Tensor) -> torch.Tensor:

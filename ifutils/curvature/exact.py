@@ -94,7 +94,7 @@ def hessian_and_ggn(
     second = vmap(jacfwd(grad_psi_and_h), in_dims=(None, 0, 0))
     cache = loss.cache(
         cache_dir, {"stage": "Hessian and GGN", "chunk_size": chunk_size, "token_chunk": token_chunk, "token_ef": token_ef},
-        theta, weights, sentences,
+        theta, weights, sentences, code=__name__,
     )
     progress = (cache.get("progress") if cache else None) or {"chunks": 0}
     if progress["chunks"]:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 from torch.func import grad, jvp, vmap
-from tqdm.auto import tqdm
+from ..progress import progress
 
 from ..cache import derive_seed
 from ..subset import SubsetLoss
@@ -133,7 +133,7 @@ def hvp_operator(
             raise ValueError(f"Hessian-vector product needs a ({p},) or ({p}, m) input, got shape {tuple(v.shape)}")
         block = (v[:, None] if v.dim() == 1 else v).to(theta)
         out = torch.zeros(block.shape, dtype=torch.float64, device=theta.device)
-        for _, inputs, targets, mask in tqdm(chunks, desc=desc, leave=False, disable=desc is None):
+        for _, inputs, targets, mask in progress(chunks, desc=desc, unit="chunk", leave=False, disable=desc is None):
             out += columns(inputs, targets, mask, block).double()
         return (out / n).reshape(v.shape)
 

@@ -197,7 +197,7 @@ def fit_kfac(
     theta = loss.theta0 if theta is None else theta
     layers = _layers(loss)
     cache = loss.cache(cache_dir, {"stage": "KFAC", "labels": labels, "mc_samples": mc_samples, "seed": seed,
-                                   "chunk_size": chunk_size}, theta, sentences)
+                                   "chunk_size": chunk_size}, theta, sentences, code=__name__)
 
     def run_pass(name: str, ekfac_pass: bool) -> dict[str, torch.Tensor]:
         stored = cache.get(name) if cache else None

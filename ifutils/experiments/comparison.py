@@ -30,6 +30,7 @@ from ..influence import (
     self_influence,
 )
 from ..metrics import agreement
+from ..progress import stage as log_stage
 from ..subset import SubsetLoss
 
 REFERENCE = "Hessian"
@@ -102,7 +103,8 @@ class InfluenceConfig:
 
 
 class StageTimer:
-    """Wall time of named stages, in seconds: ``with timer("grads"): ...``; ``timer.seconds``."""
+    """Wall time of named stages, in seconds: ``with timer("grads"): ...``; ``timer.seconds``. Each stage's
+    start and end are logged (:func:`ifutils.progress.stage`)."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
@@ -110,7 +112,8 @@ class StageTimer:
     @contextmanager
     def __call__(self, stage: str):
         start = time.perf_counter()
-        yield
+        with log_stage(stage):
+            yield
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from ..progress import progress
 
 from ..config import require_positive, validate_fields
 from ..grads import per_sample_grads
@@ -282,7 +282,7 @@ def compare_with_retraining(
 
     n = train_grads.shape[0]
     table, rows = {}, []
-    for name, c in tqdm(curvatures.items(), desc="agreement with retraining", leave=False):
+    for name, c in progress(curvatures.items(), desc="agreement with retraining", unit="curvature", leave=False):
         for damping in dict.fromkeys((config.damping, *dampings)):
             s, error = scores(c, damping)
             result = agreement_with_retraining(s, retraining, n, config) if s is not None else None
@@ -320,7 +320,9 @@ def ground_truth_study(
     timer = StageTimer()
     loss = SubsetLoss(model, param_subset, eos_id, torch.float64)
     objective = SubsetObjective(loss, samples["train"][: gt.n], gt.damping)
-    cache = loss.cache(cache_dir, {"stage": "ground truth", **gt.to_dict()}, objective.sentences, samples["test"])
+    # everything stored there is computed by ifutils.resolve, driven by these two functions (not by the plots)
+    cache = loss.cache(cache_dir, {"stage": "ground truth", **gt.to_dict()}, objective.sentences, samples["test"],
+                       code=("ifutils.resolve", solve_reference, retrain_all))
     with timer("solve theta*"):
         theta_star, reference = solve_reference(objective, gt, cache, theta_init)
     at_star = loss.at(theta_star)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from ..progress import progress
 
 from ..cache import fingerprint
 from ..config import require_positive, validate_fields
@@ -233,7 +233,7 @@ def retrain_check(
         return model, {split: perplexity(model, s, eos_id) for split, s in splits.items()}
 
     full = {}
-    for seed in tqdm(config.seeds, desc="full-data trainings"):
+    for seed in progress(config.seeds, desc="full-data trainings", unit="training"):
         model, full[str(seed)] = train(seed, "full", [])
         if seed == config.seeds[0]:
             scores, damping = harmfulness(model, corpus, config, cache_dir)
@@ -243,7 +243,7 @@ def retrain_check(
     results.update(damping=damping, n_removed=len(removed[config.methods[0]]), removed=removed, methods={})
     write()
     delta = {m: {} for m in config.methods}
-    for method, seed in tqdm([(m, s) for m in config.methods for s in config.seeds], desc="retrainings"):
+    for method, seed in progress([(m, s) for m in config.methods for s in config.seeds], desc="retrainings", unit="training"):
         ppl = train(seed, method, removed[method])[1]
         delta[method][str(seed)] = {split: ppl[split] - full[str(seed)][split] for split in splits}
         entry = {split: _summary({s: d[split] for s, d in delta[method].items()}) for split in splits}

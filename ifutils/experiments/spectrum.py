@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 import torch
-from tqdm.auto import tqdm
+from ..progress import progress
 
 from ..curvature.estimators import (
     CURVATURES,
@@ -55,7 +55,7 @@ def spectrum_stats(
     ref = next(iter(ops.params.values()))
     vs = rademacher(probes, ops.p, seed, ref.dtype, ref.device)
     results = {}
-    bar = tqdm(total=len(curvatures) * (probes + max_matvecs), desc="curvature-vector products", unit="Cv")
+    bar = progress(total=len(curvatures) * (probes + max_matvecs), desc="curvature-vector products", unit="Cv")
     for name in curvatures:
         start = time.perf_counter()
         bar.set_postfix(curvature=name)

@@ -8,9 +8,9 @@ import ifutils
 PACKAGE = Path(ifutils.__file__).resolve().parent
 
 
-def _imports(path: Path) -> list[str]:
-    """Absolute module names imported by a file of the package (relative imports resolved)."""
-    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+def _imports(path: Path, package_dir: Path = PACKAGE) -> list[str]:
+    """Absolute module names imported by a file of the package at ``package_dir`` (relative imports resolved)."""
+    parts = list(path.relative_to(package_dir.parent).with_suffix("").parts)
     package = parts[:-1] if parts[-1] != "__init__" else parts[:-1]
     out = []
     for node in ast.walk(ast.parse(path.read_text())):
@@ -34,13 +34,12 @@ def test_no_core_module_imports_an_experiment():
 
 def test_import_checker_sees_a_relative_import(tmp_path):
     """The checker itself: a relative import of the experiments from a core-level file is caught."""
-    fake = PACKAGE / "_layout_probe_tmp.py"
-    fake.write_text("from .experiments import plots\nfrom .curvature.base import Curvature\n")
-    try:
-        found = _imports(fake)
-    finally:
-        fake.unlink()
-    assert "ifutils.experiments" in found and "ifutils.curvature.base" in found
+    package = tmp_path / "ifutils"
+    (package / "curvature").mkdir(parents=True)
+    fake = package / "curvature" / "probe.py"
+    fake.write_text("from ..experiments import plots\nfrom .base import Curvature\nimport ifutils.experiments.sweeps\n")
+    found = _imports(fake, package)
+    assert "ifutils.experiments.sweeps" in found and "ifutils.experiments" in found and "ifutils.curvature.base" in found
 
 
 def test_public_api_exports_exist():

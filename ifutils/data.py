@@ -16,18 +16,34 @@ cut. The vocabulary is the top-V words of the train split, the rest mapped to ``
 sentences, so a sample is a window of consecutive words (35 by default, no overlap), modelled as
 ``<eos> w_1 .. w_34 -> w_1 .. w_35``. Any file in text8 format that is not the real text8 is labelled
 "text8-format sample" in every figure and result.
+
+Any other corpus (see :func:`load_corpus` for the exact spec): ``"files:<dir>"`` reads local text files
+``<dir>/{train,valid,test}.txt``, ``"hf:<name>[:<config>]"`` a Hugging Face dataset with a text column, both
+through the Hugging Face ``datasets`` library. They follow the PTB rules: one sample per non-empty line, words
+split on whitespace (or by :func:`tokenize`, if asked), ``<eos>`` appended to each line, the vocabulary is
+the top-V words of the train split (``<eos>`` counted once per line) with ``<unk>`` for the rest, and every
+line of every split is kept.
+
+Text in, text out: :func:`tokenize` turns raw English text into PTB-style words (Mikolov's preprocessing of
+the Penn Treebank: lowercase, numbers as ``N``, punctuation removed, clitics split off), and
+:meth:`Vocabulary.encode` reports and warns about the share of words it maps to ``<unk>``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
+import socket
 import urllib.error
+import urllib.parse
+import warnings
 import urllib.request
 import zipfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -51,6 +67,9 @@ TEXT8_SPLIT = (0.90, 0.95)  # train ends at 90% of the characters, validation at
 TEXT8_CHARS = b"abcdefghijklmnopqrstuvwxyz "
 SPLITS = ("train", "valid", "test")
 DATASETS = ("ptb", "text8")
+FILES_PREFIX, HF_PREFIX = "files:", "hf:"
+HF_SPLITS = {"train": ("train",), "valid": ("validation", "valid", "dev"), "test": ("test",)}
+UNK_WARN_RATE = 0.10  # default share of words mapped to <unk> above which Vocabulary.encode warns
 
 
 def data_dir(root: str | os.PathLike | None = None) -> Path:
@@ -151,6 +170,91 @@ def ptb_files(
     return paths
 
 
+# Period-final words of the PTB language-modelling files (all three splits) that are neither a single letter
+# ("j.") nor letters with inner periods ("u.s."): the abbreviations that keep their period in PTB.
+PTB_ABBREVIATIONS = frozenset(
+    "mr. corp. inc. co. oct. nov. ms. ltd. sept. mrs. rep. calif. dec. sen. dr. jr. st. no. mass. aug. conn. "
+    "jan. messrs. vs. mich. gen. gov. fla. ill. va. cos. ariz. pa. feb. ky. tenn. md. prof. colo. wash. rev. "
+    "ind. ga. ore. neb. del. wis. nev. col. bros. adm. minn. sr. sens. etc. cie. okla. kan. ala. mo.".split()
+)
+PTB_CLITICS = ("'s", "'re", "'ve", "'m", "'ll", "'d")
+_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-", "\u2014": "--"})
+_W = r"[^\W_]"  # a letter or digit, any script
+_TOKEN = re.compile(
+    r"(?<!\S)N(?!\S)"                                 # PTB's own number symbol, so PTB text is kept as it is
+    r"|<unk>"                                          # PTB's own unknown-word symbol
+    r"|[A-Za-z]+\$"                                    # currency words: c$, us$, hk$
+    rf"|\d+(?:[.,:/]\d+)*(?!{_W}|(?:[-&'./]|\\/){_W})"  # a number (not the start of 30-year, 1980s, 5-4)
+    rf"|'\d\ds(?!{_W})"                                # a decade: '80s
+    r"|'(?:s|re|ve|m|ll|d)(?![^\W_])|n't(?![^\W_])"     # a clitic standing alone ("do n't", "company 's")
+    r"|(?<=s)'(?![^\W_])|(?<=[s>] )'(?![^\W_])"        # the possessive apostrophe of a plural: investors '
+    rf"|{_W}+(?:(?:\.?-|[&.']|\\?/){_W}+)*\.?"          # a word, with inner - & . ' / (PTB writes / as \/)
+    r"|[$#&%]"                                         # symbols PTB keeps as words ('%' becomes N)
+)
+_NUMBER = re.compile(r"\d+(?:[.,:/]\d+)*")
+_INITIALS = re.compile(rf"(?:{_W}\.)+|{_W}+(?:\.{_W}+)+\.")
+
+
+def tokenize(text: str) -> list[str]:
+    """Split raw English text into words the way Mikolov's Penn Treebank files are written.
+
+    The rules, read off ``ptb.{train,valid,test}.txt`` (Mikolov et al. 2010; Treebank tokenisation of the
+    WSJ text, Marcus et al. 1993):
+
+    - everything is lowercased; curly quotes and dashes are read as ASCII;
+    - a number (digits with inner ``.``, ``,``, ``:`` or ``/``: ``5``, ``1,000``, ``8.5``, ``1/2``) becomes
+      ``N``; ``%`` becomes ``N`` too (PTB writes "8.5 %" as ``N N``); words mixing digits and letters or
+      hyphens stay (``30-year``, ``1980s``, ``p53``);
+    - ``$`` and ``#`` are separate words (``"$5"`` -> ``$ N``), currency words keep theirs (``c$``, ``us$``);
+      ``&`` is a word alone and kept inside words (``at&t``);
+    - clitics are split off: ``'s 're 've 'm 'll 'd`` and ``n't`` (``"don't"`` -> ``do n't``, ``"can't"`` ->
+      ``ca n't``, ``"won't"`` -> ``wo n't``); ``"cannot"`` -> ``can not``; decades keep theirs (``'80s``); a plural's possessive apostrophe is
+      the word ``'`` (``"investors'"`` -> ``investors '``); other inner apostrophes stay (``o'brien``);
+    - a period stays only at the end of an abbreviation: a known PTB abbreviation (:data:`PTB_ABBREVIATIONS`,
+      ``mr.``, ``corp.``, ``calif.`` ...), a single letter (``j.``) or letters with inner periods (``u.s.``),
+      also at the end of a sentence (PTB: "... outside the u.s."); one sentence per call, as PTB has one
+      per line, though several work alike (their full stops are removed);
+    - a slash between words is written ``\\/`` as in PTB (``"cities/abc"`` -> ``cities\\/abc``);
+    - all other punctuation (``. , ; : ! ? " ( ) -- ...``) is removed; hyphens inside words stay.
+
+    PTB text is kept as it is (``N`` and ``<unk>`` included): ``tokenize(line) == line.split()`` for 99.9%
+    of the lines of ``ptb.valid.txt`` (tests/test_data.py). The rare-word ``<unk>`` step is the vocabulary's
+    (:meth:`Vocabulary.encode`), not this function's.
+
+    Args:
+        text: raw text, typically one sentence.
+    Returns:
+        the words, as a list of str (empty for text without words).
+    Raises:
+        TypeError: ``text`` is not a str (pass one string; join a list of lines first).
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"tokenize(text) takes one str, got {type(text).__name__}; join the pieces into a string first")
+    tokens = [m.group() for m in _TOKEN.finditer(text.translate(_QUOTES))]
+    words: list[str] = []
+    for token in tokens:
+        if token in ("N", "<unk>"):
+            words.append(token)
+            continue
+        token = token.lower()
+        last = token.rsplit("-", 1)[-1]  # non-u.s.: the abbreviation is the last part
+        if token.endswith(".") and not (last in PTB_ABBREVIATIONS or _INITIALS.fullmatch(last)):
+            token = token[:-1]
+        if _NUMBER.fullmatch(token) or token == "%":
+            words.append("N")
+            continue
+        token = token.replace("\\/", "/").replace("/", "\\/")
+        if token == "cannot":
+            words += ["can", "not"]
+        elif token.endswith("n't") and len(token) > 3:
+            words += [token[:-3], "n't"]
+        elif (clitic := next((c for c in PTB_CLITICS if token.endswith(c) and len(token) > len(c)), None)):
+            words += [token[: -len(clitic)], clitic]
+        elif token:
+            words.append(token)
+    return words
+
+
 @dataclass
 class Vocabulary:
     """Word <-> id mapping. ``itos[i]`` is the word with id ``i``; unknown words map to ``<unk>``."""
@@ -190,43 +294,227 @@ class Vocabulary:
         """:meth:`from_counts` over the words of ``lines``, with ``<eos>`` counted once per line."""
         return cls.from_counts(Counter(w for words in lines for w in words) + Counter({EOS: len(lines)}), max_size)
 
-    def encode(self, words: list[str]) -> torch.Tensor:
-        """(n + 1,) int64 ids of ``words`` followed by ``<eos>``.
+    def encode(
+        self, words: list[str], *, return_unk_rate: bool = False, warn_above: float | None = UNK_WARN_RATE
+    ) -> torch.Tensor | tuple[torch.Tensor, float]:
+        """(n + 1,) int64 ids of ``words`` followed by ``<eos>``, and the share of words mapped to ``<unk>``.
 
+        Args:
+            words: a list of n words (str), e.g. ``tokenize(text)`` for raw text or ``line.split()`` for
+                PTB-style text; a bare string is refused (it would be read letter by letter).
+            return_unk_rate: also return the unknown-word rate.
+            warn_above: emit a ``UserWarning`` when the unknown-word rate exceeds this share (0.10 by
+                default); ``None`` never warns (the corpus loaders, which encode line by line).
+        Returns:
+            ids, a (n + 1,) int64 tensor; with ``return_unk_rate``, ``(ids, rate)`` where ``rate`` is the
+            share of the n words whose id is ``<unk>``'s (unknown words, and ``<unk>`` itself when the text
+            has it, as PTB does), in [0, 1]; 0.0 for no words. The appended ``<eos>`` is not counted.
         Raises:
+            TypeError: ``words`` is a str, or holds something other than str.
             KeyError: a word is out of vocabulary and the vocabulary has no ``<unk>``.
         """
+        if isinstance(words, str):
+            raise TypeError(
+                f"Vocabulary.encode(words) takes a list of words, got the string {words[:40]!r}; "
+                f"pass tokenize(text) for raw text (PTB-style words) or text.split() for text already tokenised"
+            )
         unk = self.stoi.get(UNK)
         ids = []
         for w in words:
-            i = self.stoi.get(w, unk)
+            i = self.stoi.get(w, unk) if isinstance(w, str) else -1
             if i is None:
                 raise KeyError(f"word {w!r} is not in the vocabulary, which has no {UNK!r}")
+            if i < 0:
+                raise TypeError(f"Vocabulary.encode(words): words must all be str, got {type(w).__name__} {w!r}")
             ids.append(i)
+        rate = sum(i == unk for i in ids) / len(ids) if ids and unk is not None else 0.0
+        if warn_above is not None and rate > warn_above:
+            warnings.warn(
+                f"{rate:.1%} of the {len(ids)} words map to {UNK!r} (more than {warn_above:.0%}): the text is far "
+                f"from the vocabulary's corpus, or not tokenised like it (for PTB, use tokenize(text))",
+                UserWarning, stacklevel=2,
+            )
         ids.append(self.stoi[EOS])
-        return torch.tensor(ids, dtype=torch.long)
+        tensor = torch.tensor(ids, dtype=torch.long)
+        return (tensor, rate) if return_unk_rate else tensor
 
 
 @dataclass
 class Corpus:
     """Tokenised splits. ``splits[name]`` is a list of 1-D int64 tensors, one per sample: a PTB sentence
-    ending in ``<eos>``, or a text8 window of ``window`` words. ``name`` labels the data in figures and
-    results (``"ptb"``, ``"text8"`` or ``"text8-format sample"``)."""
+    (or a line of a text-file or Hugging Face corpus) ending in ``<eos>``, or a text8 window of ``window``
+    words. ``name`` labels the data in figures and results (``"ptb"``, ``"text8"``, ``"text8-format
+    sample"``, ``"<dir> (text files)"``, ``"<name> <config> (Hugging Face)"``); ``tag`` is a short
+    filesystem-safe identifier for output names (``"ptb"``, ``"text8"``, ``"files_<dir>"``,
+    ``"hf_<name>_<config>"``; letters, digits, ``.``, ``_`` and ``-`` only), derived from ``name`` if not given."""
 
     name: str
     vocab: Vocabulary
     splits: dict[str, list[torch.Tensor]]
     window: int | None = None
+    tag: str = ""
+
+    def __post_init__(self):
+        self.tag = safe_tag(self.tag or self.name)
 
     def num_tokens(self, split: str) -> int:
         """Number of predicted tokens in a split (for PTB, words + one ``<eos>`` per sentence)."""
         return sum(len(s) for s in self.splits[split])
 
 
+def safe_tag(text: str) -> str:
+    """``text`` with every run of characters other than letters, digits, ``.``, ``_``, ``-`` replaced by
+    ``_`` (and no leading ``.`` or ``-``), usable as a file name on any filesystem; ``"data"`` if empty."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).lstrip(".-") or "data"
+
+
 def _read_lines(path: Path) -> list[list[str]]:
     with open(path, encoding="utf-8") as f:
         lines = [line.split() for line in f]
     return [words for words in lines if words]
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def hf_offline() -> bool:
+    """Whether Hugging Face offline mode is on: ``HF_HUB_OFFLINE`` or ``HF_DATASETS_OFFLINE`` is set to
+    1/ON/YES/TRUE now (read at each call, unlike the libraries, which read them once at import)."""
+    return _env_true("HF_HUB_OFFLINE") or _env_true("HF_DATASETS_OFFLINE")
+
+
+def _hub_reachable(timeout: float = 3.0) -> str | None:
+    """None if a TCP connection to the Hugging Face Hub (``$HF_ENDPOINT``, default huggingface.co) opens
+    within ``timeout`` seconds, else the reason; so that an offline machine fails in seconds instead of
+    the minute of retries ``datasets`` spends."""
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError as err:
+        return f"{url.hostname} cannot be reached ({err})"
+    return None
+
+
+def _load_text_dataset(args: tuple, kwargs: dict, offline: bool):
+    """``datasets.load_dataset(*args, **kwargs)``, with the Hub switched off when ``offline`` (only the local
+    cache is used: the libraries' own offline flags are set for the call, since they read the environment
+    only at import)."""
+    import datasets
+    import huggingface_hub.constants
+
+    if not offline:
+        return datasets.load_dataset(*args, **kwargs)
+    with mock.patch.object(datasets.config, "HF_HUB_OFFLINE", True), \
+            mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", True):
+        return datasets.load_dataset(*args, **kwargs)
+
+
+def _line_corpus(
+    texts: dict[str, list], name: str, tag: str, vocab: Vocabulary | None, vocab_size: int, ptb_tokenize: bool,
+) -> Corpus:
+    """A :class:`Corpus` of one sample per non-empty line of each split, with the PTB rules (module docstring)."""
+    split_words = tokenize if ptb_tokenize else str.split
+    lines = {split: [w for w in (split_words(t) for t in ts if t is not None) if w] for split, ts in texts.items()}
+    empty = [split for split, ls in lines.items() if not ls]
+    if empty:
+        raise ValueError(f"{name}: the {', '.join(empty)} split(s) have no non-empty line; every split needs samples")
+    if vocab is None:
+        counts = Counter(w for words in lines["train"] for w in words) + Counter({EOS: len(lines["train"])})
+        counts[UNK] += 0  # always present: validation and test have words the train split lacks
+        vocab = Vocabulary.from_counts(counts, vocab_size)
+    splits = {split: [vocab.encode(words, warn_above=None) for words in ls] for split, ls in lines.items()}
+    return Corpus(name, vocab, splits, tag=tag)
+
+
+def load_text_files(
+    folder: str | os.PathLike, root: str | os.PathLike | None = None, vocab: Vocabulary | None = None,
+    vocab_size: int = 10_000, ptb_tokenize: bool = False, cache_dir: str | os.PathLike | None = None,
+) -> Corpus:
+    """A corpus of local text files ``<folder>/train.txt``, ``valid.txt``, ``test.txt`` (UTF-8, one sample
+    per line), read with ``datasets.load_dataset("text", ...)``.
+
+    Args:
+        folder: the directory; a relative path is taken inside the data directory (``data_dir(root)``,
+            where ``ptb/`` and ``text8/`` live), ``~`` is expanded.
+        root: data directory (see :func:`data_dir`).
+        vocab: reuse this vocabulary instead of building the top-``vocab_size`` one of the train split.
+        vocab_size: V, including ``<eos>`` and ``<unk>``.
+        ptb_tokenize: split lines with :func:`tokenize` (raw text) instead of on whitespace (text already
+            tokenised, like PTB's).
+        cache_dir: the ``datasets`` cache (Arrow copies of the files); None: its default,
+            ``$HF_DATASETS_CACHE`` or ``~/.cache/huggingface/datasets``.
+    Returns:
+        A :class:`Corpus` named ``"<folder name> (text files)"`` with tag ``"files_<folder name>"``.
+    Raises:
+        FileNotFoundError: the folder or one of the three files is missing (the message names them).
+        ValueError: a split has no non-empty line.
+    """
+    folder = Path(folder).expanduser()
+    folder = (folder if folder.is_absolute() else data_dir(root) / folder).resolve()
+    paths = {split: folder / f"{split}.txt" for split in SPLITS}
+    missing = [p.name for p in paths.values() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"text corpus files missing from {folder}: {', '.join(missing)}. A corpus given as "
+            f"'{FILES_PREFIX}<dir>' needs <dir>/train.txt, <dir>/valid.txt and <dir>/test.txt, one sample per line "
+            f"(a relative <dir> is looked up in the data directory {data_dir(root)}, set by {DATA_ENV})."
+        )
+    files = {split: str(path) for split, path in paths.items()}
+    ds = _load_text_dataset(("text",), {"data_files": files, "cache_dir": cache_dir and str(cache_dir)}, offline=True)
+    texts = {split: ds[split]["text"] for split in SPLITS}
+    return _line_corpus(texts, f"{folder.name} (text files)", f"files_{folder.name}", vocab, vocab_size, ptb_tokenize)
+
+
+def load_hf_text(
+    name: str, config: str | None = None, text_column: str = "text", vocab: Vocabulary | None = None,
+    vocab_size: int = 10_000, allow_download: bool = True, ptb_tokenize: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+) -> Corpus:
+    """A corpus from a Hugging Face dataset with a text column, one sample per non-empty row.
+
+    Splits: ``train``; ``validation`` (or ``valid``, ``dev``) as valid; ``test``.
+
+    Args:
+        name, config: the dataset and its configuration, as for ``datasets.load_dataset(name, config)``
+            (e.g. ``"wikitext"``, ``"wikitext-2-raw-v1"``).
+        text_column: the column holding the text.
+        vocab, vocab_size, ptb_tokenize, cache_dir: as for :func:`load_text_files` (raw text such as
+            wikitext-*-raw wants ``ptb_tokenize=True``).
+        allow_download: use the Hub when it can be reached; False: the local cache only.
+    Returns:
+        A :class:`Corpus` named ``"<name> <config> (Hugging Face)"`` with tag ``"hf_<name>_<config>"``.
+    Raises:
+        ConnectionError: offline (``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` set, ``allow_download=False`` or
+            the Hub unreachable, found in about 3 s) and the dataset is not in the local cache; or the Hub
+            refused it. The message says what to do instead.
+        ValueError: a split or ``text_column`` is missing (the message names those present), or a split
+            has no non-empty row.
+    """
+    reason = ("offline mode is on (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE)" if hf_offline() else
+              "allow_download=False" if not allow_download else _hub_reachable())
+    label = f"{name}" + (f" ({config})" if config else "")
+    try:
+        ds = _load_text_dataset((name, config), {"cache_dir": cache_dir and str(cache_dir)}, offline=reason is not None)
+    except (ConnectionError, FileNotFoundError, OSError) as err:
+        raise ConnectionError(
+            f"cannot load the Hugging Face dataset {label}: "
+            + (f"{reason}, and it is not in the local datasets cache" if reason else "the Hub refused it")
+            + f" ({type(err).__name__}: {err}). Run once online so it is cached, or save its splits as text "
+            f"files and pass dataset='{FILES_PREFIX}<dir>'."
+        ) from err
+    texts = {}
+    for split, candidates in HF_SPLITS.items():
+        found = next((c for c in candidates if c in ds), None)
+        if found is None:
+            raise ValueError(f"{label} has no {' or '.join(candidates)} split (it has {', '.join(ds)}); "
+                             f"a corpus needs train, validation and test")
+        if text_column not in ds[found].column_names:
+            raise ValueError(f"{label} has no column {text_column!r} (it has {', '.join(ds[found].column_names)}); "
+                             f"pass text_column=")
+        texts[split] = ds[found][text_column]
+    return _line_corpus(texts, f"{name} {config or ''}".strip() + " (Hugging Face)",
+                        "hf_" + "_".join(p for p in (name, config) if p), vocab, vocab_size, ptb_tokenize)
 
 
 def load_corpus(
@@ -236,34 +524,61 @@ def load_corpus(
     allow_download: bool = True,
     vocab_size: int = 10_000,
     window: int = 35,
+    text_column: str = "text",
+    ptb_tokenize: bool = False,
+    cache_dir: str | os.PathLike | None = None,
 ) -> Corpus:
     """Read, verify and tokenise a dataset.
 
     Args:
-        dataset: ``"ptb"`` (samples are sentences) or ``"text8"`` (samples are ``window``-word windows).
+        dataset: one of
+            - ``"ptb"``: Penn Treebank, samples are sentences;
+            - ``"text8"``: samples are ``window``-word windows;
+            - ``"files:<dir>"``: local text files ``<dir>/{train,valid,test}.txt``, one sample per line
+              (:func:`load_text_files`; a relative ``<dir>`` is inside the data directory, like ``ptb/``);
+            - ``"hf:<name>"`` or ``"hf:<name>:<config>"``: a Hugging Face dataset with a text column
+              (:func:`load_hf_text`), e.g. ``"hf:wikitext:wikitext-2-raw-v1"``; needs the Hub or the cache.
         root: data directory (see :func:`data_dir`).
         vocab: reuse this vocabulary (e.g. the one stored in a checkpoint) instead of building
             one from the train split.
         allow_download: fetch missing files when online.
-        vocab_size: V for text8 (PTB's files already have 10,000 types).
+        vocab_size: V for text8, files and Hugging Face corpora (PTB's files already have 10,000 types).
         window: text8 window length in words.
+        text_column: the text column of a Hugging Face dataset.
+        ptb_tokenize: for files and Hugging Face corpora, split lines with :func:`tokenize` (raw text)
+            instead of on whitespace.
+        cache_dir: the ``datasets`` cache for files and Hugging Face corpora (None: its default).
     Returns:
         A :class:`Corpus` with splits ``train``, ``valid``, ``test``; its ``name`` is ``"ptb"``,
-        ``"text8"`` or ``"text8-format sample"``.
+        ``"text8"``, ``"text8-format sample"``, ``"<dir> (text files)"`` or ``"<name> <config> (Hugging
+        Face)"``, its ``tag`` ``"ptb"``, ``"text8"``, ``"files_<dir>"`` or ``"hf_<name>_<config>"``.
     Raises:
-        ValueError: unknown ``dataset``, a file fails its checksum, size or format check.
+        ValueError: unknown ``dataset``, a file fails its checksum, size or format check, a split or
+            column is missing or empty.
         FileNotFoundError: files missing and not downloadable (message names them).
+        ConnectionError: a Hugging Face dataset while offline and not cached (see :func:`load_hf_text`).
     """
+    if not isinstance(dataset, str):
+        raise ValueError(f"dataset must be a str such as 'ptb', 'text8', '{FILES_PREFIX}<dir>' or "
+                         f"'{HF_PREFIX}<name>[:<config>]', got {type(dataset).__name__}")
+    if dataset.startswith(FILES_PREFIX) and dataset[len(FILES_PREFIX):].strip():
+        return load_text_files(dataset[len(FILES_PREFIX):], root, vocab, vocab_size, ptb_tokenize, cache_dir)
+    if dataset.startswith(HF_PREFIX) and dataset[len(HF_PREFIX):].strip(":"):
+        name, _, config = dataset[len(HF_PREFIX):].partition(":")
+        return load_hf_text(name, config or None, text_column, vocab, vocab_size, allow_download, ptb_tokenize,
+                            cache_dir)
     if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}, "
+                         f"'{FILES_PREFIX}<dir>' (text files <dir>/{{train,valid,test}}.txt) or "
+                         f"'{HF_PREFIX}<name>[:<config>]' (a Hugging Face dataset)")
     if dataset == "text8":
         path, label = text8_file(root, allow_download)
         return read_text8(path, label, vocab, vocab_size, window)
     paths = ptb_files(root, allow_download=allow_download)
     lines = {split: _read_lines(path) for split, path in paths.items()}
     vocab = vocab or Vocabulary.build(lines["train"])
-    splits = {split: [vocab.encode(words) for words in ls] for split, ls in lines.items()}
-    return Corpus(dataset, vocab, splits)
+    splits = {split: [vocab.encode(words, warn_above=None) for words in ls] for split, ls in lines.items()}
+    return Corpus(dataset, vocab, splits, tag=dataset)
 
 
 def text8_file(root: str | os.PathLike | None = None, allow_download: bool = True, url: str = TEXT8_URL) -> tuple[Path, str]:
@@ -388,7 +703,7 @@ def read_text8(
             raise ValueError(f"{path}: the {split} split has words outside the vocabulary, which has no {UNK!r}")
         usable = len(ids) // window * window
         splits[split] = list(torch.from_numpy(ids[:usable].astype(np.int64)).view(-1, window).unbind(0))
-    return Corpus(label, vocab, splits, window)
+    return Corpus(label, vocab, splits, window, tag="text8")
 
 
 def make_batch(sentences: list[torch.Tensor], eos_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

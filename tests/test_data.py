@@ -92,3 +92,57 @@ def test_download_from_local_server_good_and_corrupt(http_root, tmp_path):
 def test_failed_download_reports_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="Download failed"):
         ptb_files(tmp_path, allow_download=True, base_url="http://127.0.0.1:9/")
+
+
+# --- text in, text out: tokenize and the <unk> rate of encode ---
+
+from ifutils.data import UNK_WARN_RATE, tokenize  # noqa: E402
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('The company said, "profits rose 5%."', "the company said profits rose N N"),
+    ("Investors' stake in AT&T fell $1.5 billion -- to C$100, Mr. Smith said.",
+     "investors ' stake in at&t fell $ N billion to c$ N mr. smith said"),
+    ("I can't and won't; don't you cannot? It's sold in the U.S.",
+     "i ca n't and wo n't do n't you can not it 's sold in the u.s."),
+    ("The 30-year bonds of the 1980s and '80s, 8.5 % in N.J. (Calif.-based non-U.S. unit) ...",
+     "the 30-year bonds of the 1980s and '80s N N in n.j. calif.-based non-u.s. unit"),
+    ("Capital Cities/ABC sold 1,000 shares at 3 1/2 on Oct. 5; they'll see O'Brien's \u201cplan.\u201d",
+     "capital cities\\/abc sold N shares at N N on oct. N they 'll see o'brien 's plan"),
+    (" ,;: -- ", ""),
+])
+def test_tokenize_writes_text_as_ptb_does(text, expected):
+    assert tokenize(text) == expected.split()
+
+
+def test_tokenize_keeps_ptb_lines_as_they_are():
+    """PTB text is a fixed point (up to the footnote marks \\* of a few table lines)."""
+    with open(ptb_files(allow_download=False)["valid"], encoding="utf-8") as f:
+        lines = [line for line in f if line.split()]
+    changed = [line for line in lines if tokenize(line) != line.split()]
+    assert all("\\*" in line for line in changed) and len(changed) <= 5
+    with pytest.raises(TypeError, match="one str"):
+        tokenize(["a", "b"])
+
+
+def test_encode_refuses_a_string_and_reports_the_unk_rate():
+    vocab = Vocabulary.build([["the", "cat", "sat"], ["the", "dog"]], max_size=4)  # the <eos> cat <unk>
+    with pytest.raises(TypeError, match="list of words.*tokenize\\(text\\)"):
+        vocab.encode("the cat")
+    with pytest.raises(TypeError, match="must all be str"):
+        vocab.encode(["the", 3])
+    words = ["the", "cat", "sat", "on", "the", "mat", "<unk>"]
+    ids, rate = vocab.encode(words, return_unk_rate=True, warn_above=None)
+    unk = vocab.stoi["<unk>"]
+    assert rate == sum(w not in vocab.stoi or w == "<unk>" for w in words) / len(words) == 4 / 7
+    assert ids.tolist() == [vocab.stoi.get(w, unk) for w in words] + [vocab.stoi["<eos>"]]
+    with pytest.warns(UserWarning, match="57.1% of the 7 words map to '<unk>'"):
+        vocab.encode(words)
+    with pytest.warns(UserWarning):
+        vocab.encode(["the", "mat"], warn_above=0.49)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert vocab.encode(["the", "cat"], return_unk_rate=True)[1] == 0.0
+        assert vocab.encode(["the"] * 9 + ["mat"], warn_above=UNK_WARN_RATE).shape == (11,)  # 10%: not above
+        assert vocab.encode([], return_unk_rate=True)[1] == 0.0

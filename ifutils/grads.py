@@ -66,8 +66,9 @@ def per_sample_grads(
     bad = (~torch.isfinite(out).all(dim=1)).nonzero().flatten().tolist()
     if bad:
         raise FloatingPointError(
-            f"non-finite per-sample gradients for samples {bad[:20]} (of {len(bad)}); the weights and theta are "
-            f"finite, so the loss overflowed on those samples: try dtype=torch.float64 in SubsetLoss or check them"
+            f"non-finite per-sample gradients for samples {bad[:20]} (of {len(bad)}); the model's weights and theta "
+            f"were finite when checked, so the loss overflowed on those samples: try dtype=torch.float64 in "
+            f"SubsetLoss, or inspect those samples"
         )
     return out
 

@@ -14,7 +14,12 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ._checks import check_finite_parameters, check_names, check_token_id, check_token_ids
+from ._checks import (
+    check_finite_parameters,
+    check_names,
+    check_token_id,
+    check_token_ids,
+)
 from .cache import ChunkCache
 from .data import bucket_batches, make_batch
 from .model import LSTMLM, sentence_loss, token_nll

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from ifutils.curvature import DenseCurvature, IdentityCurvature, empirical_fisher, hessian_and_ggn
+from ifutils.curvature import (
+    DenseCurvature,
+    IdentityCurvature,
+    empirical_fisher,
+    hessian_and_ggn,
+)
 from ifutils.curvature import base as curvature_base
 from ifutils.data import Vocabulary
 from ifutils.grads import per_sample_grads
@@ -220,9 +225,7 @@ def test_memory_check_on_a_faked_gpu_uses_its_free_memory(monkeypatch):
 def test_every_dense_memory_check_gets_the_data_device(monkeypatch, model):
     """KFAC, the EF and the exact pass pass the device their data lives on to check_dense_fits (on a GPU machine
     it is the GPU's free memory that counts); here a spy records what each is given."""
-    import ifutils.curvature.exact as exact
-    import ifutils.curvature.fisher as fisher
-    import ifutils.curvature.kfac as kfac
+    from ifutils.curvature import exact, fisher, kfac
 
     seen = []
 

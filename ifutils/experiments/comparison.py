@@ -313,7 +313,7 @@ def spectrum_summary(curvature: Curvature) -> dict[str, float]:
     total = float(ev.abs().sum())
     return {
         "mean": float(ev.mean()), "second_moment": float((ev**2).mean()), "max": float(ev.max()),
-        "min": float(ev.min()), "num_negative": int(len(neg)),
+        "min": float(ev.min()), "num_negative": len(neg),
         "negative_mass": float(neg.abs().sum()) / total if total > 0 else 0.0,
         "psd": bool(getattr(curvature, "psd", False)), "num_clipped": clipped, "clipped_negative_mass": clipped_mass,
     }

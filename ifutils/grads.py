@@ -8,6 +8,7 @@ import os
 import torch
 from torch.func import grad, jacrev, vmap
 
+from ._checks import check_finite_parameters, check_tensor
 from .cache import derive_seed
 from .subset import SubsetLoss, sample_labels
 
@@ -39,9 +40,12 @@ def per_sample_grads(
         (n, p) tensor in ``loss``'s dtype and device, row i for ``sentences[i]``; identical bit for bit
         whether chunks were computed now or loaded.
     Raises:
-        FloatingPointError: a gradient is NaN or infinite; the message lists the sample indices.
+        TypeError: ``theta`` is not a torch tensor; a sample is not an integer tensor.
+        IndexError: a word id is negative or >= vocab_size (the message names the sample and the id).
+        FloatingPointError: ``theta`` holds NaN/Inf (checked first, as the model's weights are by
+            :class:`~ifutils.subset.SubsetLoss`), or a gradient is NaN or infinite; the message lists the samples.
     """
-    theta = loss.theta0 if theta is None else theta
+    theta = loss.theta0 if theta is None else _check_theta(theta, loss)
     out = theta.new_empty(len(sentences), len(theta))
     one = vmap(grad(loss.loss), in_dims=(None, 0, 0, 0))
     cache = loss.cache(
@@ -61,8 +65,23 @@ def per_sample_grads(
         out[idx] = grads.to(out)
     bad = (~torch.isfinite(out).all(dim=1)).nonzero().flatten().tolist()
     if bad:
-        raise FloatingPointError(f"non-finite per-sample gradients for samples {bad[:20]} (of {len(bad)})")
+        raise FloatingPointError(
+            f"non-finite per-sample gradients for samples {bad[:20]} (of {len(bad)}); the model's weights and theta "
+            f"were finite when checked, so the loss overflowed on those samples: try dtype=torch.float64 in "
+            f"SubsetLoss, or inspect those samples"
+        )
     return out
+
+
+def _check_theta(theta, loss: SubsetLoss) -> torch.Tensor:
+    """A finite (p,) tensor of the subset's size, else TypeError / ValueError / FloatingPointError naming theta."""
+    check_tensor(theta, "theta", "(p,) tensor")
+    if theta.shape != loss.theta0.shape:
+        raise ValueError(f"theta must have shape (p,) = {tuple(loss.theta0.shape)}, the subset's size, "
+                         f"got {tuple(theta.shape)}; pass loss.theta0 or a vector of the same size")
+    check_finite_parameters({"theta": theta}, "the point theta",
+                            "Pass a finite theta (loss.theta0, or a re-solved point that converged)")
+    return theta
 
 
 def per_token_grads(
@@ -80,8 +99,10 @@ def per_token_grads(
         theta: (p,) point of evaluation, default ``loss.theta0``.
     Returns:
         (sum_i T_i, p) tensor in ``loss``'s dtype: the T_0 rows of sentence 0 in token order, then sentence 1, ...
+    Raises:
+        like :func:`per_sample_grads` for ``theta`` and the samples.
     """
-    theta = loss.theta0 if theta is None else theta
+    theta = loss.theta0 if theta is None else _check_theta(theta, loss)
     lengths = torch.tensor([len(s) for s in sentences])
     starts = (lengths.cumsum(0) - lengths).tolist()
     out = theta.new_empty(int(lengths.sum()), len(theta))

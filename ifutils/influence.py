@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_damping, check_finite_rows, check_tensor
 from .curvature import Curvature
 
 
@@ -25,10 +26,13 @@ def influence(train_grads: torch.Tensor, test_grads: torch.Tensor, curvature: Cu
     Returns:
         (n_train, n_test) float64 tensor on the gradients' device.
     Raises:
+        TypeError: a gradient is not a torch tensor (e.g. a NumPy array: use ``torch.from_numpy``), or ``damping``
+            is not a number or tensor (e.g. the string ``"1e-3"`` or None).
         ValueError: gradients not 2-D, mismatched p, ``damping < 0``, or a singular damped curvature.
         FloatingPointError: NaN or Inf in the gradients (the message names the rows).
     """
     _check_grads(train_grads, test_grads)
+    damping = check_damping(damping)
     # Solve for the few test gradients, then one product with all training gradients.
     return -(train_grads.double() @ curvature.solve(test_grads.double().T, damping).to(train_grads.device))
 
@@ -37,11 +41,10 @@ def _check_grads(train_grads: torch.Tensor, test_grads: torch.Tensor | None = No
     """(n, p) gradients, finite, with the same p: else ValueError / FloatingPointError naming the problem."""
     pairs = [("train_grads", train_grads)] + ([("test_grads", test_grads)] if test_grads is not None else [])
     for name, g in pairs:
+        check_tensor(g, name)
         if g.dim() != 2:
             raise ValueError(f"{name} must be (n, p), got shape {tuple(g.shape)}; use g[None] for one sample")
-        bad = (~torch.isfinite(g).all(dim=1)).nonzero().flatten().tolist()
-        if bad:
-            raise FloatingPointError(f"{name} has NaN/Inf in rows {bad[:20]}")
+        check_finite_rows(g, name)
     if test_grads is not None and train_grads.shape[1] != test_grads.shape[1]:
         raise ValueError(f"train gradients have p={train_grads.shape[1]}, test gradients p={test_grads.shape[1]}")
 
@@ -50,6 +53,7 @@ def self_influence(train_grads: torch.Tensor, curvature: Curvature, damping) -> 
     """g_i^T (C + damping I)^{-1} g_i per training sample (Koh & Liang 2017, sec. 5.4: large values flag
     mislabelled or atypical samples). Returns (n_train,) float64; raises like :func:`influence`."""
     _check_grads(train_grads)
+    damping = check_damping(damping)
     g = train_grads.double()
     return (g * curvature.solve(g.T, damping).T.to(g.device)).sum(1)
 

@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -65,20 +66,36 @@ def save_checkpoint(path: str | os.PathLike, model: LSTMLM, vocab: Vocabulary, *
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[LSTMLM, Vocabulary, dict]:
     """Load a checkpoint written by :func:`save_checkpoint` without unpickling arbitrary objects.
 
+    Args:
+        path: the file.
+        device: where the model goes: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` or ``"auto"``
+            (checked by :func:`resolve_device` before the file is read).
     Returns:
         (model in eval mode on ``device``, vocabulary, the whole payload dict).
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file is not a checkpoint of this project or holds non-weight objects
-            (``torch.load(weights_only=True)`` refused it), or its vocabulary and weights disagree.
+        ValueError: ``device`` names a device this machine lacks (no CUDA/MPS: the message says so, not the file);
+            the file is not a torch checkpoint at all (corrupt, truncated, or another format); it holds non-weight
+            objects (``torch.load(weights_only=True)`` refused it); or its vocabulary and weights disagree.
     """
     path = Path(path)
+    device = resolve_device(device)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; train one with train_lstm_penn_treebank.ipynb")
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError, RuntimeError, ... depending on the file
-        raise ValueError(f"{path} is not a loadable weights-only checkpoint: {err}") from err
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, KeyError, ... depending on the file
+        if not _looks_like_torch_file(path):
+            raise ValueError(
+                f"{path} is not a torch checkpoint (corrupt, truncated, or a file of another format: torch.load "
+                f"failed with {type(err).__name__}: {err}); make one with train_lstm_penn_treebank.ipynb or "
+                f"ifutils.io.save_checkpoint(path, model, vocab)"
+            ) from err
+        raise ValueError(
+            f"{path} is a torch file but not a loadable weights-only checkpoint ({type(err).__name__}: {err}); "
+            f"it may hold pickled objects other than tensors, numbers, strings, lists and dicts. Re-save the "
+            f"model with ifutils.io.save_checkpoint(path, model, vocab)"
+        ) from err
     if not isinstance(payload, dict) or not {"state_dict", "vocab", "model_config"} <= set(payload):
         raise ValueError(f"{path} lacks state_dict/vocab/model_config; it was not written by ifutils")
     config = ModelConfig(**payload["model_config"])
@@ -134,14 +151,47 @@ def update_results(path: str | os.PathLike, section: str, data: dict) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(results, indent=1, default=float)))
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"`` -> ``cuda`` when available, else ``cpu``; other names are passed to ``torch.device``.
+def _looks_like_torch_file(path: Path) -> bool:
+    """True for what ``torch.save`` writes: a zip archive (the default since torch 1.6) or a legacy pickle (its
+    first byte is the pickle protocol opcode 0x80)."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> ``cuda`` when available, else ``cpu``; other names (``"cpu"``, ``"cuda"``, ``"cuda:N"``,
+    ``"mps"``) are checked against this machine and returned as a ``torch.device``.
 
     Raises:
-        ValueError: ``cuda`` requested but no GPU is visible.
+        ValueError: not a device name, a type other than cpu/cuda/mps, or a device this machine lacks: ``cuda``
+            without a visible CUDA device, ``cuda:N`` with N >= the device count, ``mps`` without MPS. The
+            message says which, and to use ``"cpu"`` or ``"auto"``.
     """
-    if device == "auto":
+    if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but torch sees no GPU; use 'cpu' or 'auto'")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(f"device={device!r} is not a device name ({err}); use 'cpu', 'cuda', 'cuda:N', 'mps' "
+                         f"or 'auto'") from None
+    if resolved.type not in DEVICE_TYPES:
+        raise ValueError(f"device={device!r}: type {resolved.type!r} is not supported; use one of "
+                         f"{', '.join(DEVICE_TYPES)} or 'auto'")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} requested but torch sees no CUDA device on this machine "
+                             f"(torch.cuda.is_available() is False); use device='cpu' or 'auto'")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device={device!r} requested but this machine has {count} CUDA device(s), "
+                             f"cuda:0..cuda:{count - 1}; use one of them, 'cuda' or 'auto'")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device!r} requested but the MPS backend is not available on this machine "
+                         f"(torch.backends.mps.is_available() is False; it needs Apple silicon and macOS 12.3+); "
+                         f"use device='cpu' or 'auto'")
+    return resolved

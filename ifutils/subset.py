@@ -14,6 +14,12 @@ from dataclasses import dataclass
 import torch
 from .progress import progress
 
+from ._checks import (
+    check_finite_parameters,
+    check_names,
+    check_token_id,
+    check_token_ids,
+)
 from .cache import ChunkCache
 from .data import bucket_batches, make_batch
 from .model import LSTMLM, sentence_loss, token_nll
@@ -48,9 +54,11 @@ def select_subset(model: torch.nn.Module, names: list[str], num_coords: int | No
     (seeded) from the union of the named tensors.
 
     Raises:
+        TypeError: ``names`` is a string (pass ``["decoder.weight"]``, a list) or holds non-strings.
         KeyError: a name is not a parameter of ``model`` (the message lists the valid names).
         ValueError: no names, ``num_coords < 1``, or more coordinates asked than the tensors hold.
     """
+    names = check_names(names)
     params = dict(model.named_parameters())
     unknown = [n for n in names if n not in params]
     if unknown:
@@ -119,7 +127,7 @@ class SubsetLoss:
         model: trained :class:`LSTMLM`; a frozen copy in ``dtype`` is evaluated in eval mode (no
             dropout) with the unrolled LSTM.
         subset: the coordinates theta_S.
-        eos_id: id used to start sentences and pad batches.
+        eos_id: id used to start sentences and pad batches, an int in [0, vocab_size): ``vocab.stoi["<eos>"]``.
         dtype: float dtype of every computation (float64 for tests and exact checks).
         max_len: longest sample accepted, in tokens. The unrolled LSTM and the Hessian pass hold
             O(T * H * p) numbers per sample, so a runaway line (a file without line breaks) is refused
@@ -127,12 +135,19 @@ class SubsetLoss:
     Attributes:
         theta0: (p,) the trained values of the subset coordinates.
         indices: name -> flat indices into that tensor, on the model's device.
+    Raises:
+        TypeError: ``eos_id`` is not an int (e.g. the word ``"<eos>"``: pass ``vocab.stoi["<eos>"]``).
+        ValueError: ``eos_id`` outside [0, vocab_size).
+        FloatingPointError: the model has NaN/Inf weights (named), which would make every gradient non-finite.
     """
 
     def __init__(
         self, model: LSTMLM, subset: ParamSubset, eos_id: int, dtype: torch.dtype = torch.float32, max_len: int = 400
     ):
         self.max_len = max_len
+        vocab_size = model.config.vocab_size
+        eos_id = check_token_id(eos_id, vocab_size, "eos_id")
+        check_finite_parameters(dict(model.named_parameters()), "the model given to SubsetLoss")
         self.model = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
         self.subset = subset
         self.eos_id = eos_id
@@ -208,9 +223,12 @@ class SubsetLoss:
 
         Raises:
             ValueError: no samples, or a sample is empty or longer than ``max_len`` (the message names it).
+            TypeError: a sample is not an integer tensor; IndexError: a word id is negative or >= vocab_size
+                (the message names the sample and the id).
         """
         if not len(sentences):
             raise ValueError("no samples were given; pass at least one sentence")
+        check_token_ids(sentences, self.model.config.vocab_size)
         lengths = [len(s) for s in sentences]
         bad = [i for i, n in enumerate(lengths) if not 1 <= n <= self.max_len]
         if bad:

@@ -30,16 +30,28 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from .._checks import check_damping, check_tensor
+
 Damping = float | torch.Tensor
 """A damping lambda: a float >= 0 added to every diagonal entry, or a (p,) tensor >= 0 added entry by entry
 (per-layer damping of block-structured curvatures, see :meth:`Curvature.relative_damping`)."""
 
 
 class Curvature(ABC):
-    """A symmetric p x p curvature C with damped solves; the influence code needs nothing else."""
+    """A symmetric p x p curvature C with damped solves; the influence code needs nothing else.
+
+    Attributes:
+        name: label used in tables and figures.
+        p: size.
+        psd: True when C is positive semi-definite by construction (GGN, true Fisher, EF, KFAC, EK-FAC, their
+            diagonal and block-diagonal parts, the identity), so that negative computed eigenvalues are rounding
+            error and reporting may clip them at zero (:func:`ifutils.experiments.comparison.spectrum_summary`);
+            False (the default, e.g. the Hessian) when negative eigenvalues are real and never clipped.
+    """
 
     name: str
     p: int
+    psd: bool = False
 
     @abstractmethod
     def eigvalsh(self) -> torch.Tensor:
@@ -50,6 +62,7 @@ class Curvature(ABC):
         """(C + diag(damping))^{-1} v for v of shape (p,) or (p, m); float64 result.
 
         Raises:
+            TypeError: ``v`` is not a torch tensor, or ``damping`` is not a number or tensor (a string, None).
             ValueError: negative damping, ``v`` of the wrong size, or C + damping singular.
         """
 
@@ -80,15 +93,14 @@ class Curvature(ABC):
 
     def _check(self, v: torch.Tensor, damping: Damping, device=None) -> tuple[torch.Tensor, Damping]:
         """Validate ``v`` and ``damping``; return them in float64 on ``device`` (where the curvature lives)."""
-        v = v.double().to(device or v.device)
+        v = check_tensor(v, "v", "(p,) or (p, m) tensor").double().to(device or v.device)
+        damping = check_damping(damping)
         if torch.is_tensor(damping):
             if damping.shape != (self.p,) or not (damping >= 0).all():
                 raise ValueError(f"{self.name}: a damping tensor must have shape (p,) = ({self.p},) and entries >= 0, "
                                  f"got shape {tuple(damping.shape)}, minimum {damping.min().item():g}; "
                                  f"pass a float for one damping on every coordinate")
             damping = damping.double().to(v.device)
-        elif not damping >= 0:
-            raise ValueError(f"damping must be >= 0, got {damping}")
         if v.shape[0] != self.p:
             raise ValueError(f"{self.name}: vector has {v.shape[0]} rows, curvature is {self.p} x {self.p}")
         return v, damping
@@ -152,11 +164,12 @@ class DenseCurvature(Curvature):
     Args:
         matrix: (p, p) float tensor; symmetrised as (C + C^T) / 2.
         name: label used in tables and figures.
+        psd: the matrix is positive semi-definite by construction (a Gram matrix, a GGN); see :class:`Curvature`.
     Raises:
         FloatingPointError: the matrix holds NaN or Inf.
     """
 
-    def __init__(self, matrix: torch.Tensor, name: str):
+    def __init__(self, matrix: torch.Tensor, name: str, psd: bool = False):
         if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ValueError(f"{name}: the matrix must be square (p, p), got shape {tuple(matrix.shape)}")
         _check_finite(name, matrix, "(p, p)")
@@ -164,6 +177,7 @@ class DenseCurvature(Curvature):
         self.matrix = (m + m.T) / 2
         self.name = name
         self.p = m.shape[0]
+        self.psd = bool(psd)
         self._eig: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,7 +217,7 @@ class DenseCurvature(Curvature):
 
     def diagonal(self, name: str | None = None) -> "DiagonalCurvature":
         """The diagonal approximation diag(C)."""
-        return DiagonalCurvature(self.matrix.diagonal(), name or f"{self.name} (diag)")
+        return DiagonalCurvature(self.matrix.diagonal(), name or f"{self.name} (diag)", psd=self.psd)
 
     def block_diagonal(self, blocks: list[torch.Tensor], name: str | None = None) -> "BlockCurvature":
         """The block-diagonal approximation: C[b, b] kept for each block b, every other entry zero.
@@ -215,7 +229,8 @@ class DenseCurvature(Curvature):
         keep = torch.zeros(self.p, self.p, dtype=torch.bool, device=self.matrix.device)
         for b in blocks:
             keep[b[:, None], b] = True
-        return BlockCurvature(torch.where(keep, self.matrix, 0.0), blocks, name or f"{self.name} (block-diag)")
+        return BlockCurvature(torch.where(keep, self.matrix, 0.0), blocks, name or f"{self.name} (block-diag)",
+                              psd=self.psd)
 
 
 class BlockCurvature(DenseCurvature):
@@ -229,12 +244,14 @@ class BlockCurvature(DenseCurvature):
         blocks: index tensors partitioning range(p).
         name: label.
         scales: one positive float per block, default the block's mean diagonal entry trace(C_bb) / p_b.
+        psd: as for :class:`DenseCurvature` (the principal blocks of a PSD matrix are PSD).
     Raises:
         ValueError: the blocks do not partition range(p), or the number of scales differs.
     """
 
-    def __init__(self, matrix: torch.Tensor, blocks: list[torch.Tensor], name: str, scales: list[float] | None = None):
-        super().__init__(matrix, name)
+    def __init__(self, matrix: torch.Tensor, blocks: list[torch.Tensor], name: str, scales: list[float] | None = None,
+                 psd: bool = False):
+        super().__init__(matrix, name, psd)
         covered = torch.cat(list(blocks)).sort().values if blocks else torch.zeros(0, dtype=torch.long)
         if not torch.equal(covered.cpu(), torch.arange(self.p)):
             raise ValueError(f"{name}: blocks must partition range({self.p}) exactly once")
@@ -260,15 +277,17 @@ class BlockCurvature(DenseCurvature):
 
 
 class DiagonalCurvature(Curvature):
-    """C = diag(d). Args: d: (p,) float tensor; name: label."""
+    """C = diag(d). Args: d: (p,) float tensor; name: label; psd: d >= 0 by construction (the diagonal of a PSD
+    matrix), see :class:`Curvature`."""
 
-    def __init__(self, d: torch.Tensor, name: str):
+    def __init__(self, d: torch.Tensor, name: str, psd: bool = False):
         if d.dim() != 1:
             raise ValueError(f"{name}: the diagonal must be a (p,) tensor, got shape {tuple(d.shape)}")
         _check_finite(name, d, "(p,) diagonal")
         self.d = d.double()
         self.name = name
         self.p = d.shape[0]
+        self.psd = bool(psd)
 
     def eigvalsh(self) -> torch.Tensor:
         return self.d.sort().values
@@ -291,7 +310,7 @@ class IdentityCurvature(DiagonalCurvature):
     """C = I: influence reduces to the (scaled) gradient dot product -g_test^T g_i / (1 + damping)."""
 
     def __init__(self, p: int, name: str = "identity", device: torch.device | str = "cpu"):
-        super().__init__(torch.ones(p, dtype=torch.float64, device=device), name)
+        super().__init__(torch.ones(p, dtype=torch.float64, device=device), name, psd=True)
 
 
 def scale_damping(hess: Curvature, ggn: Curvature, alpha: float = 1.0) -> float:

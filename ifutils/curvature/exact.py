@@ -129,8 +129,8 @@ def hessian_and_ggn(
                                    **({"ef": ef.cpu()} if token_ef else {})})
     for m in (hess, ggn):
         m[dpos[:, None], lpos] = m[lpos[:, None], dpos].T
-    out = (DenseCurvature(hess / n, "Hessian"), DenseCurvature(ggn / n, "GGN (true Fisher, closed form)"))
-    return out + (DenseCurvature(ef / n, "EF (token)"),) if token_ef else out
+    out = (DenseCurvature(hess / n, "Hessian"), DenseCurvature(ggn / n, "GGN (true Fisher, closed form)", psd=True))
+    return out + (DenseCurvature(ef / n, "EF (token)", psd=True),) if token_ef else out
 
 
 def _features(h: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from .._checks import check_finite_rows, check_tensor
 from ..cache import derive_seed
 from ..grads import per_sample_grads
 from ..subset import SubsetLoss
@@ -31,15 +32,28 @@ def empirical_fisher(grads: torch.Tensor, lengths: torch.Tensor, name: str = "EF
         grads: (n, p) per-sample gradients of the mean token NLL (nats/token).
         lengths: (n,) tensor, the number of predicted tokens T_i of each sample (``len(sentence)``, ``<eos>`` included).
     Raises:
+        TypeError: ``grads`` is not a torch tensor (a NumPy array: use ``torch.from_numpy``).
         ValueError: ``lengths`` is not a tensor of shape (n,).
+        FloatingPointError: a gradient row holds NaN/Inf (the message names the rows of ``grads``, i.e. the samples).
     """
     _check_lengths(grads, lengths)
     check_dense_fits(grads.shape[1], 2, grads.device)
     g = grads.double()
-    return DenseCurvature((g * lengths.double().to(g.device)[:, None]).T @ g / len(g), name)
+    return DenseCurvature((g * lengths.double().to(g.device)[:, None]).T @ g / len(g), name, psd=True)
+
+
+def _check_gradient_rows(grads, name: str = "grads") -> None:
+    """(n, p) finite gradients, checked before any outer product so that a NaN names its gradient row
+    (sample), not the rows of the p x p matrix it would spread over."""
+    check_tensor(grads, name)
+    if grads.dim() != 2:
+        raise ValueError(f"{name} must be (n, p), got shape {tuple(grads.shape)}; use g[None] for one sample")
+    check_finite_rows(grads, name, "gradient rows (samples)",
+                      "; recompute those samples' gradients (per_sample_grads) or drop them")
 
 
 def _check_lengths(grads: torch.Tensor, lengths) -> None:
+    _check_gradient_rows(grads)
     if not torch.is_tensor(lengths) or lengths.shape != (len(grads),):
         shape = tuple(lengths.shape) if torch.is_tensor(lengths) else type(lengths).__name__
         raise ValueError(f"lengths must be a ({len(grads)},) tensor of token counts, one per gradient row, got {shape}; "
@@ -58,14 +72,17 @@ def token_empirical_fisher(token_grads: torch.Tensor, lengths: torch.Tensor, nam
         token_grads: (sum_i T_i, p) per-token gradients, sentences in order (:func:`ifutils.grads.per_token_grads`).
         lengths: (n,) tokens T_i per sentence.
     Raises:
+        TypeError: ``token_grads`` is not a torch tensor.
         ValueError: the row count is not sum(lengths).
+        FloatingPointError: a token gradient holds NaN/Inf (the message names its rows of ``token_grads``).
     """
+    _check_gradient_rows(token_grads, "token_grads")
     if token_grads.shape[0] != int(lengths.sum()):
         raise ValueError(f"{token_grads.shape[0]} token gradients for {int(lengths.sum())} tokens in lengths")
     check_dense_fits(token_grads.shape[1], 2, token_grads.device)
     g = token_grads.double()
     w = torch.repeat_interleave(1.0 / (len(lengths) * lengths.double()), lengths.long()).to(g.device)
-    return DenseCurvature((g * w[:, None]).T @ g, name)
+    return DenseCurvature((g * w[:, None]).T @ g, name, psd=True)
 
 
 class LowRankCurvature(Curvature):
@@ -79,7 +96,11 @@ class LowRankCurvature(Curvature):
     Args:
         factor: (p, r) float tensor U.
         name: label.
+    Attributes:
+        psd: True (U U^T is a Gram matrix).
     """
+
+    psd = True
 
     def __init__(self, factor: torch.Tensor, name: str):
         if factor.dim() != 2:
@@ -95,6 +116,7 @@ class LowRankCurvature(Curvature):
 
         Raises:
             ValueError: ``lengths`` is not a tensor of shape (n,).
+            FloatingPointError: a gradient row holds NaN/Inf (named as for :func:`empirical_fisher`).
         """
         _check_lengths(grads, lengths)
         scale = (lengths.double() / len(grads)).sqrt().to(grads.device)
@@ -145,7 +167,7 @@ def mc_true_fisher(
         g = per_sample_grads(loss, sentences, chunk_size, derive_seed(seed, draw),
                              desc=f"true Fisher draw {draw + 1}/{num_samples}", cache_dir=cache_dir)
         total += empirical_fisher(g, lengths).matrix
-    return DenseCurvature(total / num_samples, f"true Fisher (MC, k={num_samples})")
+    return DenseCurvature(total / num_samples, f"true Fisher (MC, k={num_samples})", psd=True)
 
 
 def mc_fisher_errors(

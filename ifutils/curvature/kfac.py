@@ -296,15 +296,21 @@ class KroneckerCurvature(BlockCurvature):
     """KFAC or EK-FAC restricted to the subset, held densely (p x p) for the solves.
 
     ``nbytes`` counts the factors (A, G and EK-FAC eigenvalues), the memory the method needs at any scale;
-    the dense p x p restriction exists only because the comparison is on a subset.
+    the dense p x p restriction exists only because the comparison is on a subset. Positive semi-definite by
+    construction (``psd``): a Kronecker product of PSD factors, or an eigenbasis with eigenvalues that are means of
+    squares, restricted to principal sub-matrices.
+
+    Raises:
+        MemoryError: the dense p x p matrices would not fit on the factors' device (:func:`check_dense_fits`).
     """
 
     def __init__(self, layers: list[LayerFactors], p: int, name: str, blocks: list[torch.Tensor], scales: list[float]):
-        check_dense_fits(p, 2)
-        matrix = torch.zeros(p, p, dtype=torch.float64, device=layers[0].A.device)
+        device = layers[0].A.device
+        check_dense_fits(p, 2, device)
+        matrix = torch.zeros(p, p, dtype=torch.float64, device=device)
         for layer, block in zip(layers, blocks):
             matrix[layer.positions[:, None], layer.positions] = block
-        super().__init__(matrix, [layer.positions for layer in layers], name, scales)
+        super().__init__(matrix, [layer.positions for layer in layers], name, scales, psd=True)
         self.layers = layers
 
     @property

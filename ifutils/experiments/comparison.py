@@ -283,14 +283,42 @@ def detection_agreement(
     return out
 
 
+def reported_eigenvalues(curvature: Curvature) -> tuple[torch.Tensor, int, float]:
+    """The eigenvalues as reported in tables and figures: clipped at zero for a curvature that is positive
+    semi-definite by construction (``curvature.psd``: GGN, true Fisher, EF, KFAC, EK-FAC, their diagonal and block
+    parts), where a negative computed eigenvalue is rounding error of the eigensolver (of order eps * ||C||);
+    never clipped otherwise (the Hessian's negative eigenvalues are real).
+
+    Returns:
+        (eigenvalues (p,) float64 ascending, the number clipped, the clipped mass sum |lambda_i < 0| / sum |lambda_i|
+        of the unclipped spectrum, 0.0 when nothing was clipped).
+    """
+    ev = curvature.eigvalsh().double()
+    if not getattr(curvature, "psd", False):
+        return ev, 0, 0.0
+    neg = ev < 0
+    total = float(ev.abs().sum())
+    mass = float(ev[neg].abs().sum()) / total if total > 0 else 0.0
+    return ev.clamp(min=0.0), int(neg.sum()), mass
+
+
 def spectrum_summary(curvature: Curvature) -> dict[str, float]:
-    """Eigenvalue statistics (Karakida et al. 2019): mean, second moment, extremes, negatives."""
-    ev = curvature.eigvalsh()
+    """Eigenvalue statistics (Karakida et al. 2019): mean, second moment, extremes, negatives, of the reported
+    spectrum (:func:`reported_eigenvalues`: a PSD curvature's rounding-level negatives clipped at zero).
+
+    Returns:
+        dict with ``mean``, ``second_moment``, ``max``, ``min``, ``num_negative`` and ``negative_mass``
+        (sum |negative| / sum |all|) after clipping; ``psd`` (clipped or not), ``num_clipped`` and
+        ``clipped_negative_mass`` (the same ratio for the eigenvalues set to zero; 0 for the Hessian).
+    """
+    ev, clipped, clipped_mass = reported_eigenvalues(curvature)
     neg = ev[ev < 0]
+    total = float(ev.abs().sum())
     return {
         "mean": float(ev.mean()), "second_moment": float((ev**2).mean()), "max": float(ev.max()),
-        "min": float(ev.min()), "num_negative": int(len(neg)),
-        "negative_mass": float(neg.abs().sum() / ev.abs().sum()),
+        "min": float(ev.min()), "num_negative": len(neg),
+        "negative_mass": float(neg.abs().sum()) / total if total > 0 else 0.0,
+        "psd": bool(getattr(curvature, "psd", False)), "num_clipped": clipped, "clipped_negative_mass": clipped_mass,
     }
 
 

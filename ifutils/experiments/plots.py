@@ -106,15 +106,17 @@ def mc_error(errors: dict[int, float], label: str, path: str | os.PathLike) -> p
 
 def spectra(eigenvalues: dict[str, torch.Tensor], label: str, path: str | os.PathLike) -> plt.Figure:
     """Sorted eigenvalue magnitudes on a log axis; negative eigenvalues are drawn as crosses,
-    never dropped."""
+    never dropped; exact zeros (e.g. a PSD spectrum clipped by
+    :func:`~ifutils.experiments.comparison.reported_eigenvalues`) are counted in the legend but have no place on
+    the log axis."""
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for k, (name, ev) in enumerate(eigenvalues.items()):
         ev = ev.double().cpu().numpy()[::-1]
         rank = np.arange(1, len(ev) + 1)
-        pos = ev > 0
+        pos, neg = ev > 0, ev < 0
         ax.plot(rank[pos], ev[pos], ".", ms=3, color=f"C{k}", label=f"{name} ({(~pos).sum()} of {len(ev)} <= 0)")
-        if (~pos).any():
-            ax.plot(rank[~pos], np.abs(ev[~pos]) + 1e-300, "x", ms=3, color=f"C{k}")
+        if neg.any():
+            ax.plot(rank[neg], np.abs(ev[neg]), "x", ms=3, color=f"C{k}")
     ax.set_yscale("log")
     ax.set(xlabel="eigenvalue rank", ylabel="|eigenvalue|", title=f"{label}: spectra (x = negative)")
     ax.legend(fontsize=7)

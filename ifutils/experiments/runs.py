@@ -38,6 +38,7 @@ class RunConfig:
     results_file: str | None = param(None, "None: results/<run name>.json")
     cache_dir: str | None = param("cache", "finished chunks of long stages; a rerun after a kill resumes; None: off")
     device: str = param("auto", '"auto": cuda when available')
+    ground_truth: bool = param(False, "fisher_if.ipynb: also run the retraining ground truth (about an hour; experiments/ground_truth.py runs it alone)")
 
     def __post_init__(self):
         validate_fields(self)
@@ -49,6 +50,16 @@ def corpus_tag(corpus, dataset: str) -> str:
     """The corpus's name for files: ``corpus.tag`` when the loader gives one (corpus specs such as
     ``files:<dir>``), else ``dataset`` (``ptb``, ``text8``), made file-name safe."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(getattr(corpus, "tag", None) or dataset)).strip("_") or "corpus"
+
+
+def dataset_tag(dataset: str, data_dir=None) -> str:
+    """:func:`corpus_tag` before a checkpoint is loaded: the dataset itself for ``ptb`` and ``text8``, else the tag
+    of the corpus the spec loads (read once for its tag)."""
+    if dataset in ("ptb", "text8"):
+        return dataset
+    from ..data import load_corpus
+
+    return corpus_tag(load_corpus(dataset, data_dir), dataset)
 
 
 def derive_name(base: str, settings: dict, defaults: dict) -> str:
@@ -72,13 +83,12 @@ def _checkpoint_setting(run: RunConfig, default: str) -> str | None:
     return stored_path(run.checkpoint)
 
 
-def training_run(run: RunConfig, corpus, model_config: ModelConfig, train_config: TrainConfig) -> dict:
+def training_run(run: RunConfig, tag: str, model_config: ModelConfig, train_config: TrainConfig) -> dict:
     """Run name and paths of a training-notebook run.
 
     Returns:
         ``{"name", "checkpoint", "results_file", "figures_dir"}`` (paths resolved; the user's paths as given).
     """
-    tag = corpus_tag(corpus, run.dataset)
     name = run.run_name
     if name is None:
         model = {k: v for k, v in model_config.to_dict().items() if k != "vocab_size"}
@@ -92,7 +102,7 @@ def training_run(run: RunConfig, corpus, model_config: ModelConfig, train_config
     return _paths(run, name, run.checkpoint or f"checkpoints/{name}_lstm.pt")
 
 
-def comparison_run(run: RunConfig, corpus, config, gt=None) -> dict:
+def comparison_run(run: RunConfig, tag: str, config, gt=None) -> dict:
     """Run name and paths of a ``fisher_if.ipynb`` run: ``<tag>`` for the default comparison (``<tag>_<subset>`` off
     the default subset), with a hash of the InfluenceConfig fields (and GroundTruthConfig fields, when ``gt`` is
     given, i.e. the ground truth runs) that differ from their defaults, and of the checkpoint when it is not
@@ -100,7 +110,6 @@ def comparison_run(run: RunConfig, corpus, config, gt=None) -> dict:
     from .comparison import InfluenceConfig
     from .ground_truth import GroundTruthConfig
 
-    tag = corpus_tag(corpus, run.dataset)
     checkpoint = run.checkpoint or f"checkpoints/{run.run_name or tag}_lstm.pt"
     name = run.run_name
     if name is None:
@@ -157,3 +166,54 @@ def provenance_note(section: dict | None, checkpoint) -> str | None:
     if recorded["sha256"] != file_sha256(checkpoint):
         return f"produced from another checkpoint ({recorded['path']}, sha256 {recorded['sha256'][:12]})"
     return None
+
+
+STUDY_RUN = "ptb"
+"""The run the study-wide results (robustness sweeps, retraining check, spectrum statistics) belong to: they were
+computed by experiments/*.py from checkpoints/ptb_lstm.pt and its family (experiments/train_family.sh)."""
+
+
+def run_findings(paths: dict) -> str:
+    """The Findings of one run, each table headed by the file and section it comes from: the run's own ground
+    truth (only when its recorded checkpoint sha256 is this run's checkpoint), and the study-wide tables only for
+    the default PTB run (:data:`STUDY_RUN`); for any other run a line says why they are not shown."""
+    from .findings import ground_truth_table, retrain_table, robustness_table, spectrum_table
+    from .sweeps import SHOWN
+
+    results_file, name = paths["results_file"], paths["name"]
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    where = stored_path(results_file)
+    parts = [f"Findings of run {name!r} (checkpoint {stored_path(paths['checkpoint'])})"]
+    note = provenance_note(results.get("ground_truth"), paths["checkpoint"])
+    if note is None:
+        parts.append(f"Ground truth by retraining the subset (from {where}, section ground_truth)\n"
+                     + ground_truth_table(results["ground_truth"]))
+    else:
+        parts.append(f"No ground truth of this run: section ground_truth of {where} is {note}; rerun with "
+                     "-p ground_truth True, or run experiments/ground_truth.py")
+    if name != STUDY_RUN:
+        parts.append(f"The study-wide tables (results/robustness.json, results/retrain_check.json, results/spectrum.json) "
+                     f"belong to run {STUDY_RUN!r}, not to {name!r}; not shown")
+        return "\n\n".join(parts)
+    tables = (("robustness.json", "Robustness sweeps (Spearman with exact-Hessian influence), experiments/robustness.py",
+               lambda r: robustness_table(r, SHOWN)),
+              ("retrain_check.json", "Full-model retraining check, experiments/retrain_check.py", retrain_table),
+              ("spectrum.json", "Spectrum statistics (whole network), experiments/spectrum.py", spectrum_table))
+    for file, title, table in tables:
+        path = project_path(f"results/{file}")
+        data = json.loads(path.read_text()) if path.is_file() else None
+        if data and (file == "robustness.json" or data.get("methods") or data.get("entries")):
+            parts.append(f"{title} (from results/{file})\n" + table(data))
+        else:
+            parts.append(f"{title}: results/{file} not written yet")
+    return "\n\n".join(parts)
+
+
+def distinct_warnings(records) -> list[str]:
+    """One line per distinct warning of ``warnings.catch_warnings(record=True)``, in order of first appearance,
+    ``"<Category>: <message> (xN)"`` when it was raised N > 1 times."""
+    counts: dict[tuple[str, str], int] = {}
+    for w in records:
+        key = (w.category.__name__, str(w.message))
+        counts[key] = counts.get(key, 0) + 1
+    return [f"{cat}: {msg}" + (f" (x{n})" if n > 1 else "") for (cat, msg), n in counts.items()]

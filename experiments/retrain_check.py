@@ -12,9 +12,8 @@ Every ``RetrainConfig`` field is an option (``--n-train 5000 --seeds 0 1 2 --met
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import typing
 
+from ifutils.config import add_arguments
 from ifutils.data import load_corpus
 from ifutils.experiments.plots import retrain_deltas
 from ifutils.experiments.retrain_check import RetrainConfig, retrain_check
@@ -23,12 +22,7 @@ from ifutils.io import project_path, resolve_device
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    hints = typing.get_type_hints(RetrainConfig)
-    for field in dataclasses.fields(RetrainConfig):
-        hint = hints[field.name]
-        is_tuple = typing.get_origin(hint) is tuple
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=typing.get_args(hint)[0] if is_tuple else hint,
-                            nargs="+" if is_tuple else None, default=field.default, help=f"default {field.default}")
+    add_arguments(parser, RetrainConfig)
     parser.add_argument("--results", default="results/retrain_check.json")
     parser.add_argument("--figure", default="figures/ptb_retrain_check.png")
     parser.add_argument("--checkpoints", default="checkpoints/retrain")

@@ -53,3 +53,62 @@ def _name(expected) -> str:
     if args:
         return " or ".join(_name(a) for a in args)
     return "None" if expected is type(None) else expected.__name__
+
+
+def param(default, help: str):
+    """A dataclass field with its default and its help string (``metadata["help"]``), the one source of both
+    for :func:`add_arguments`, the notebooks' parameter cells (checked by tests/test_config.py) and the docs."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def defaults(cls) -> dict:
+    """``{field name: default}`` of a dataclass, for the fields that have a default."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
+def add_arguments(parser, cls, *, exclude=(), prefix: str = "", **overrides) -> None:
+    """Add one ``--<prefix><field-name>`` option per field of the dataclass ``cls`` to an ``argparse`` parser,
+    with the field's type, default and ``metadata["help"]``.
+
+    Tuples become ``nargs="+"``, booleans ``--x/--no-x`` (``argparse.BooleanOptionalAction``), ``X | None`` an
+    option of type X whose default is None. Fields without a default (``ModelConfig.vocab_size``) and the names in
+    ``exclude`` are skipped; ``overrides`` replaces a field's default for this entry point (a study that must
+    reproduce its committed results pins the values it ran with) and says so in the help.
+
+    Raises:
+        ValueError: an override names no field of ``cls``.
+    """
+    import argparse
+
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    if unknown := set(overrides) - names:
+        raise ValueError(f"{cls.__name__} has no field(s) {sorted(unknown)}; choose from {sorted(names)}")
+    for field in dataclasses.fields(cls):
+        if field.name in exclude or field.default is dataclasses.MISSING:
+            continue
+        hint, default = hints[field.name], overrides.get(field.name, field.default)
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        base = args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1 else hint
+        kwargs: dict = {"default": default, "dest": prefix.replace("-", "_") + field.name}
+        if typing.get_origin(base) is tuple:
+            kwargs.update(type=typing.get_args(base)[0], nargs="+")
+        elif base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = base
+        pinned = f"; this command pins {default!r} (dataclass default {field.default!r})" if field.name in overrides else ""
+        kwargs["help"] = f"{field.metadata.get('help', '')} (default: {default!r}{pinned})".replace("%", "%%")
+        parser.add_argument(f"--{prefix}{field.name.replace('_', '-')}", **kwargs)
+
+
+def from_args(cls, namespace, *, prefix: str = "", **extra):
+    """Build ``cls`` from the options :func:`add_arguments` added (lists back to tuples), plus ``extra`` fields."""
+    values = vars(namespace)
+    kwargs = {}
+    for field in dataclasses.fields(cls):
+        key = prefix.replace("-", "_") + field.name
+        if key in values:
+            value = values[key]
+            kwargs[field.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**{**kwargs, **extra})

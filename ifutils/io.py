@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -13,25 +14,45 @@ from typing import Any, Callable
 
 import torch
 
-from .data import PROJECT_ROOT, Vocabulary, data_dir
+from .data import PROJECT_ROOT, Vocabulary
 from .model import LSTMLM, ModelConfig
 
 
 def project_path(path: str | os.PathLike) -> Path:
-    """Resolve a path given as a parameter (relative ones against the project root) and check that it
-    stays inside the project or the data directory, so a parameter cannot write or read elsewhere.
+    """Resolve a path the user named: a relative one against the project root, ``~`` expanded, an absolute one
+    kept wherever it is (checkpoints and data often live on other disks; nothing is refused).
+
+    What the project writes by itself (figures, results, caches, checkpoints under their default names) is
+    derived from the project root or from a path the user named, so it stays in one of those places.
 
     Raises:
-        ValueError: the resolved path is outside both (the message names it and the two roots).
+        TypeError: ``path`` is not a str or os.PathLike (e.g. None: pass a path, or leave the parameter at its
+            default so the run name decides).
     """
-    resolved = (PROJECT_ROOT / Path(path).expanduser()).resolve()
-    roots = (PROJECT_ROOT, data_dir())
-    if not any(resolved.is_relative_to(root) for root in roots):
-        raise ValueError(
-            f"path {str(path)!r} resolves to {resolved}, outside the project ({roots[0]}) and the data "
-            f"directory ({roots[1]}); give a path inside one of them"
-        )
-    return resolved
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {path!r} ({type(path).__name__}); pass a file path")
+    return (PROJECT_ROOT / Path(path).expanduser()).resolve()
+
+
+def stored_path(path: str | os.PathLike) -> str:
+    """How a path is written into results: relative to the project root when inside it (so no machine's absolute
+    path is stored for files of the repository), else the resolved path as given."""
+    resolved = project_path(path)
+    return resolved.relative_to(PROJECT_ROOT).as_posix() if resolved.is_relative_to(PROJECT_ROOT) else str(resolved)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_record(path: str | os.PathLike) -> dict:
+    """``{"path": stored_path(path), "sha256": ...}``: which checkpoint produced a results section."""
+    return {"path": stored_path(path), "sha256": file_sha256(project_path(path))}
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -143,10 +164,35 @@ def environment() -> dict:
     }
 
 
-def update_results(path: str | os.PathLike, section: str, data: dict) -> Path:
-    """Set ``results[section] = data`` in the JSON file at ``path`` (created if absent), atomically."""
+def update_results(path: str | os.PathLike, section: str, data: dict, *, checkpoint: str | os.PathLike | None = None,
+                   config: dict | None = None, run_name: str | None = None) -> Path:
+    """Set ``results[section] = data`` in the JSON file at ``path`` (created if absent), atomically.
+
+    With ``checkpoint`` the section records its provenance, ``data["provenance"] = {"checkpoint": {"path",
+    "sha256"}, "config": config, "run_name": run_name}``, and a section produced from another checkpoint (another
+    sha256) than the other sections already in the file is refused, so one file never mixes two models. Sections
+    written without a provenance record (results older than this check) are not compared.
+
+    Raises:
+        ValueError: another section of the file records a different checkpoint; the message names both and the
+            run name to pass instead (``run_name`` with the new checkpoint's hash), or to move the file away.
+    """
     path = Path(path)
     results = json.loads(path.read_text()) if path.is_file() else {}
+    if checkpoint is not None:
+        record = checkpoint_record(checkpoint)
+        for name, other in results.items():
+            theirs = other.get("provenance", {}).get("checkpoint") if isinstance(other, dict) else None
+            if name != section and theirs and theirs.get("sha256") != record["sha256"]:
+                suggestion = f"{run_name or path.stem}_{record['sha256'][:8]}"
+                raise ValueError(
+                    f"{path} section {name!r} was produced from checkpoint {theirs['path']} (sha256 "
+                    f"{theirs['sha256'][:12]}), but this {section!r} section comes from {record['path']} (sha256 "
+                    f"{record['sha256'][:12]}); one results file holds one model's sections. Pass "
+                    f"run_name={suggestion!r} (papermill -p run_name {suggestion}) or a results_file of its own, or "
+                    f"move {path} away to start it anew"
+                )
+        data = {**data, "provenance": {"checkpoint": record, "config": config, "run_name": run_name}}
     results[section] = data
     return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(results, indent=1, default=float)))
 

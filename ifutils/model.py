@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .config import validate_fields
+from .config import param, validate_fields
 
 
 @dataclass
@@ -29,10 +29,10 @@ class ModelConfig:
     """
 
     vocab_size: int
-    emb_dim: int = 256
-    hidden: int = 256
-    num_layers: int = 1
-    dropout: float = 0.25
+    emb_dim: int = param(256, "embedding width E")
+    hidden: int = param(256, "LSTM width H")
+    num_layers: int = param(1, "stacked LSTM layers")
+    dropout: float = param(0.25, "dropout on embeddings and LSTM outputs during training (off in eval mode)")
 
     def __post_init__(self):
         validate_fields(self)

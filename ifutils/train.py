@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from .progress import log, progress
 
-from .config import require_positive, validate_fields
+from .config import param, require_positive, validate_fields
 from .data import Corpus, bucket_batches, make_batch
 from .io import check_corpus, load_checkpoint, save_checkpoint
 from .model import LSTMLM, ModelConfig, sentence_loss, token_nll
@@ -33,13 +33,13 @@ class TrainConfig:
             compared when resuming, and checkpoints written before it existed still resume.
     """
 
-    epochs: int = 5
-    batch_size: int = 32
-    lr: float = 2e-3
-    clip: float = 1.0
-    seed: int = 0
-    max_train_sentences: int | None = None
-    keep_epochs: bool = False
+    epochs: int = param(5, "passes over the training sentences")
+    batch_size: int = param(32, "sentences per batch (bucketed by length)")
+    lr: float = param(2e-3, "Adam learning rate, halved after an epoch without validation improvement")
+    clip: float = param(1.0, "gradient-norm clipping threshold")
+    seed: int = param(0, "seeds initialisation, batch order and dropout")
+    max_train_sentences: int | None = param(None, "train on the first N sentences only (e.g. 2000 for a smoke run); None: all")
+    keep_epochs: bool = param(False, "also keep <stem>_epoch<k>.pt after every epoch k")
 
     def __post_init__(self):
         validate_fields(self)

@@ -15,7 +15,8 @@ def smoke_run(request, tmp_path_factory):
     dataset = request.param
     out = tmp_path_factory.mktemp(f"smoke_{dataset}")
     common = {"dataset": dataset, "figures_dir": str(out / "figures"), "results_file": str(out / "results.json"),
-              "checkpoint": str(out / "lstm.pt"), "device": "cpu"}
+              "checkpoint": str(out / "lstm.pt"), "device": "cpu",
+              "run_name": dataset}  # outputs named <dataset>_*, in the given places
     papermill.execute_notebook(
         "train_lstm_penn_treebank.ipynb", str(out / "train.ipynb"), progress_bar=False,
         parameters={**common, "emb_dim": 16, "hidden": 16, "epochs": 1, "max_train_sentences": 400},
@@ -23,7 +24,7 @@ def smoke_run(request, tmp_path_factory):
     papermill.execute_notebook(
         "fisher_if.ipynb", str(out / "fisher.ipynb"), progress_bar=False,
         parameters={**common, "num_coords": 24, "n_hessian": 20, "n_train": 60, "n_test": 3, "mc_samples": 2,
-                    "mc_error_ks": [1, 2], "arnoldi_rank": 8, "lissa_depth": 300, "gt_n": 16, "gt_damping": 0.05,
+                    "mc_error_ks": [1, 2], "arnoldi_rank": 8, "lissa_depth": 300, "ground_truth": True, "gt_n": 16, "gt_damping": 0.05,
                     "gt_loo": 6, "gt_groups": 4, "gt_group_size": 3, "gt_lds_subsets": 6, "gt_fd_samples": 1},
     )
     return dataset, out

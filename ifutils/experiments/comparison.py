@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 from scipy import stats
 
-from ..config import require_positive, validate_fields
+from ..config import param, require_positive, validate_fields
 from ..curvature import (
     Curvature,
     DenseCurvature,
@@ -64,23 +64,23 @@ class InfluenceConfig:
         chunk_size: sentences per vectorised chunk.
     """
 
-    subset: str = "recurrent"
-    num_coords: int = 512
-    n_hessian: int = 500
-    n_train: int = 2000
-    n_test: int = 20
-    mc_samples: int = 4
-    absolute_dampings: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-    relative_alphas: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
-    default_damping: float = 1e-4
-    top_k: int = 20
-    top_fraction: float = 0.1
-    mc_error_ks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
-    arnoldi_rank: int = 64
-    lissa_depth: int = 2000
-    seed: int = 0
-    dtype: str = "float32"
-    chunk_size: int = 32
+    subset: str = param("recurrent", "parameter subset: recurrent (last weight_hh), decoder or lstm+decoder")
+    num_coords: int = param(512, "p, coordinates drawn (seeded) from the subset's tensors")
+    n_hessian: int = param(300, "n_H, training sentences every curvature is estimated from")
+    n_train: int = param(2000, "training sentences scored (the n_H are the first n_H of them)")
+    n_test: int = param(20, "test sentences whose loss is explained")
+    mc_samples: int = param(4, "k, label draws for the Monte Carlo true Fisher (and the KFAC gate factors)")
+    absolute_dampings: tuple[float, ...] = param((1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1), "lambda values shared by all curvatures")
+    relative_alphas: tuple[float, ...] = param((1e-3, 1e-2, 1e-1, 1.0, 10.0), "alpha values: lambda = alpha tr(C)/p per curvature")
+    default_damping: float = param(1e-4, "absolute lambda of the table's default column, the scatter and detection")
+    top_k: int = param(20, "size of the most-helpful / most-harmful sets compared")
+    top_fraction: float = param(0.1, "top-fraction overlap reported in the comparison table")
+    mc_error_ks: tuple[int, ...] = param((1, 2, 4, 8, 16), "k at which the MC true Fisher's error is shown")
+    arnoldi_rank: int = param(64, "Ritz pairs kept by the Arnoldi iHVP")
+    lissa_depth: int = param(2000, "LiSSA recursion depth")
+    seed: int = param(0, "seeds sample choice, coordinate choice and label draws")
+    dtype: str = param("float32", "float32 or float64 for gradients and curvature products")
+    chunk_size: int = param(32, "sentences per vectorised chunk")
 
     def __post_init__(self):
         validate_fields(self)
@@ -435,3 +435,28 @@ def format_comparison(table: list[dict]) -> str:
                  "overlaps; best damping = the curvature's damping tuned against the exact answer (an upper bound); * = time of a pass shared with others; (block-)diagonals: extraction time "
                  "only, add the dense parent's")
     return "\n".join(lines)
+
+
+def save_comparison(results_file, *, dataset: str, corpus, checkpoint, run_name: str, config: InfluenceConfig,
+                    param_subset, spectra: dict, rows: list, table: list, tuned: list, mc_errors: dict,
+                    distances: dict, detection: dict, timer: StageTimer, device):
+    """Write the ``influence`` section of ``results_file`` in one call: the configuration, every stage's output
+    as returned by the functions above, stage times, the device and the environment; the checkpoint's path
+    (relative to the repository when inside it) and sha256 go into its provenance record.
+
+    Raises:
+        ValueError: the file already holds sections of another checkpoint (see :func:`ifutils.io.update_results`).
+    """
+    from ..io import environment, stored_path, update_results
+
+    data = {
+        "dataset": dataset, "data_label": corpus.name, "run_name": run_name, "checkpoint": stored_path(checkpoint),
+        "config": config.to_dict(), "subset": param_subset.to_dict(), "p": param_subset.size,
+        "n_hessian": config.n_hessian, "n_train": config.n_train, "n_test": config.n_test,
+        "dampings": {"absolute": list(config.absolute_dampings), "relative_alphas": list(config.relative_alphas)},
+        "spectra": spectra, "agreement": rows, "comparison": table, "agreement_fixed_reference": tuned,
+        "mc_fisher_error": mc_errors, "matrix_errors": distances, "detection": detection, "seconds": timer.seconds,
+        "device": str(device), "environment": environment(),
+    }
+    return update_results(results_file, "influence", data, checkpoint=checkpoint, config=config.to_dict(),
+                          run_name=run_name)

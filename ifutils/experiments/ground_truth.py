@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from ..progress import progress
 
-from ..config import require_positive, validate_fields
+from ..config import param, require_positive, validate_fields
 from ..grads import per_sample_grads
 from ..influence import influence
 from ..io import update_results
@@ -59,21 +59,21 @@ class GroundTruthConfig:
         seed: seeds every random choice.
     """
 
-    n: int = 200
-    damping: float = 1e-4
-    n_loo: int = 100
-    n_groups: int = 50
-    group_size: int = 10
-    lds_subsets: int = 100
-    lds_fraction: float = 0.5
-    fd_samples: int = 3
-    epsilons: tuple[float, ...] = (0.1, 0.01)
-    tol: float = 1e-11
-    fd_tol: float = 1e-13
-    lds_tol: float = 1e-9
-    noise_repeats: int = 5
-    bootstrap: int = 1000
-    seed: int = 0
+    n: int = param(200, "sentences of the re-solved objective (the first n of the training sample)")
+    damping: float = param(1e-3, "lambda of the proximal term = damping of the exact influence it validates")
+    n_loo: int = param(100, "leave-one-out removals")
+    n_groups: int = param(50, "leave-k-out groups of group_size")
+    group_size: int = param(10, "k of the leave-k-out groups")
+    lds_subsets: int = param(100, "M random subsets keeping lds_fraction of the n sentences (LDS)")
+    lds_fraction: float = param(0.5, "beta, fraction of the n sentences each LDS subset keeps")
+    fd_samples: int = param(3, "samples of the up-weighting finite-difference check")
+    epsilons: tuple[float, ...] = param((0.1, 0.01), "eps of the up-weightings w_i = 1 +- eps")
+    tol: float = param(1e-11, "||grad J|| tolerance of the reference, leave-one-out and leave-k-out solves")
+    fd_tol: float = param(1e-13, "tolerance of the finite-difference solves")
+    lds_tol: float = param(1e-9, "tolerance of the LDS re-solves")
+    noise_repeats: int = param(5, "re-solves of the unchanged objective from perturbed starts (noise floor)")
+    bootstrap: int = param(1000, "resamples of every 95 % percentile-bootstrap interval")
+    seed: int = param(0, "seeds every random choice")
 
     def __post_init__(self):
         validate_fields(self)
@@ -359,10 +359,15 @@ def ground_truth_study(
     return results, {"predicted": predicted, "loo": retraining.loo}
 
 
-def save_ground_truth(results: dict, plot_data: dict, label: str, figures_dir, tag: str, results_file) -> None:
+def save_ground_truth(results: dict, plot_data: dict, label: str, figures_dir, tag: str, results_file,
+                      checkpoint=None) -> None:
     """Write :func:`ground_truth_study`'s results into ``results_file`` (section ``ground_truth``) and its figures:
     ``<tag>_retraining_scatter.png`` (predicted vs actual leave-one-out changes) and
-    ``<tag>_retraining_vs_damping.png`` (leave-one-out Spearman against each curvature's damping, with CIs)."""
+    ``<tag>_retraining_vs_damping.png`` (leave-one-out Spearman against each curvature's damping, with CIs).
+
+    ``checkpoint`` (the model's file) is recorded with its sha256; the section is refused (ValueError, before any
+    figure is drawn) when ``results_file`` holds sections of another checkpoint (:func:`ifutils.io.update_results`)."""
+    update_results(results_file, "ground_truth", results, checkpoint=checkpoint, config=results["config"], run_name=tag)
     damping = results["config"]["damping"]
     plots.retraining_scatter(plot_data["predicted"], plot_data["loo"],
                              f"{label}: leave-one-out re-solves, lambda={damping:g}",
@@ -370,4 +375,3 @@ def save_ground_truth(results: dict, plot_data: dict, label: str, figures_dir, t
     plots.sweep_with_ci(results["damping_sweep"], "damping", "loo_spearman",
                         f"{label}: leave-one-out Spearman (ground truth at lambda={damping:g}; 95% bootstrap CI)",
                         Path(figures_dir) / f"{tag}_retraining_vs_damping.png", xlabel="damping of the curvature")
-    update_results(results_file, "ground_truth", results)

@@ -28,7 +28,7 @@ import torch
 from ..progress import progress
 
 from ..cache import fingerprint
-from ..config import require_positive, validate_fields
+from ..config import param, require_positive, validate_fields
 from ..curvature import (
     IdentityCurvature,
     empirical_fisher,
@@ -66,21 +66,21 @@ class RetrainConfig:
         score_seed: seeds the coordinates, the validation sample and the random method.
     """
 
-    n_train: int = 5000
-    emb_dim: int = 64
-    hidden: int = 64
-    dropout: float = 0.25
-    epochs: int = 3
-    batch_size: int = 32
-    lr: float = 2e-3
-    seeds: tuple[int, ...] = (0, 1, 2)
-    percent: float = 10.0
-    methods: tuple[str, ...] = METHODS
-    num_coords: int = 256
-    n_hessian: int = 500
-    n_valid: int = 1000
-    damping_alpha: float = 1.0
-    score_seed: int = 0
+    n_train: int = param(5000, "the full data set is the first n_train training sentences")
+    emb_dim: int = param(64, "embedding width of the one-layer model")
+    hidden: int = param(64, "LSTM width of the one-layer model")
+    dropout: float = param(0.25, "dropout during training")
+    epochs: int = param(3, "training epochs of every model")
+    batch_size: int = param(32, "sentences per batch")
+    lr: float = param(2e-3, "Adam learning rate")
+    seeds: tuple[int, ...] = param((0, 1, 2), "each seed trains one full-data model and one per method (>= 2)")
+    percent: float = param(10.0, "k, percentage of the n_train sentences removed, in (0, 100)")
+    methods: tuple[str, ...] = param(METHODS, f"influence methods, a subset of {', '.join(METHODS)}")
+    num_coords: int = param(256, "p, coordinates of weight_hh the influence is computed on")
+    n_hessian: int = param(500, "n_H, the first n_H training sentences every curvature is estimated from")
+    n_valid: int = param(1000, "validation sentences (seeded sample) whose loss the scores target")
+    damping_alpha: float = param(1.0, "lambda = alpha tr(G)/p, raised above twice the most negative H eigenvalue")
+    score_seed: int = param(0, "seeds the coordinates, the validation sample and the random method")
 
     def __post_init__(self):
         validate_fields(self)

@@ -4,7 +4,7 @@ Default setting (about 11 minutes on 2 uncontended CPU cores; several times long
 
     IFUTILS_DATA_DIR=../shared/data .venv/bin/python experiments/retrain_check.py
 
-Every ``RetrainConfig`` field is an option (``--n-train 5000 --seeds 0 1 2 --methods GGN random``). Writes
+Every ``RetrainConfig`` field is an option (``--n-train 5000 --seeds 0 1 2 --methods ggn random``). Writes
 ``results/retrain_check.json`` and ``figures/ptb_retrain_check.png``; each training is a checkpoint under
 ``checkpoints/retrain/``, so rerunning after a kill resumes.
 """

@@ -132,7 +132,7 @@ def test_notebooks_run_on_a_text_file_corpus(tmp_path, monkeypatch):
     assert results["training"]["data_label"] == results["influence"]["data_label"] == "mini (text files)"
     assert results["training"]["valid_ppl"] > 1
     assert (results["influence"]["n_train"], results["influence"]["n_test"]) == (60, 3)
-    assert "Hessian" in {r["curvature"] for r in results["influence"]["agreement"]}
+    assert "hessian" in {r["curvature"] for r in results["influence"]["agreement"]}
     # figures are named from `dataset` by the notebooks: wherever they land under figures_dir, all are there
     figures = sorted(p.name.rsplit("_", 1)[-1] for p in (out / "figures").rglob("*.png"))
     assert {"training.png", "spectra.png", "scatter.png", "error.png", "damping.png"} <= set(figures)

@@ -49,7 +49,7 @@ def test_bad_removals_and_settings_are_refused():
     with pytest.raises(ValueError, match="rounds to none"):
         top_percent(torch.rand(10), 1.0)
     with pytest.raises(ValueError, match="unknown"):
-        RetrainConfig(methods=("Hessian", "KFAC"))
+        RetrainConfig(methods=("hessian", "kfac"))
     with pytest.raises(ValueError, match="two distinct seeds"):
         RetrainConfig(seeds=(0,))
 

@@ -261,6 +261,6 @@ def test_operator_curvature_on_hvp_matches_structured_hessian(model, sentences):
     hess, _ = hessian_and_ggn(loss, sentences)
     damping = 1.0 + abs(float(hess.eigvalsh()[0]))  # positive definite, so CG applies
     grads = torch.randn(6, hess.p, dtype=torch.float64)
-    operator = OperatorCurvature(hvp_operator(loss, sentences), hess.p, "Hessian (CG)")
+    operator = OperatorCurvature(hvp_operator(loss, sentences), hess.p, "hessian_cg")
     torch.testing.assert_close(influence(grads, grads[:2], operator, damping),
                                influence(grads, grads[:2], hess, damping), rtol=1e-8, atol=1e-12)

@@ -29,7 +29,7 @@ def test_setting_rows_compare_every_kept_curvature_with_the_hessian(model):
     samples, config = _setup(model)
     rows, extra = setting_rows(model, EOS, samples, config, {"seed": 7})
     names = {r["curvature"] for r in rows}
-    assert {REFERENCE, "EF", "KFAC", "true Fisher (MC, k=2)"} <= names and "Hessian (CG)" not in names
+    assert {REFERENCE, "ef", "kfac", "mc_fisher_k2"} <= names and "hessian_cg" not in names
     assert all(r["seed"] == 7 for r in rows)
     assert next(r for r in rows if r["curvature"] == REFERENCE)["spearman"] > 0.999
     assert extra["best_damping"][REFERENCE] in (1e-3, 1e-1) and "mean" in extra["spectra"][REFERENCE]
@@ -41,7 +41,7 @@ def test_estimation_rows_use_fewer_sentences_and_draws(model):
     assert sorted({r["sentences"] for r in out["sentences"]}) == [4, 8]
     # with all n_H sentences, the Hessian row is the reference itself
     assert next(r for r in out["sentences"] if r["sentences"] == 8 and r["curvature"] == REFERENCE)["spearman"] > 0.999
-    assert {r["curvature"] for r in out["mc_draws"]} == {"true Fisher (MC, k=1)", "true Fisher (MC, k=3)"}
+    assert {r["curvature"] for r in out["mc_draws"]} == {"mc_fisher_k1", "mc_fisher_k3"}
     assert sorted({r["lambda"] for r in out["damping"]}) == [1e-3, 1e-1] == sorted({r["lambda"] for r in out["damping_alike"]})
     # against the fixed reference, the Hessian damped like it is the reference itself
     assert next(r for r in out["damping"] if r["lambda"] == 1e-1 and r["curvature"] == REFERENCE)["spearman"] > 0.999
@@ -64,10 +64,10 @@ def test_findings_tables_report_slopes_and_seed_spread(tmp_path):
     (tmp_path / "spectrum.json").write_text(json.dumps({"entries": entries}))
     (tmp_path / "retrain_check.json").write_text(json.dumps({
         "n_removed": 5, "noise_floor": {"valid": 0.4}, "full": {"valid": {"mean": 150.0}},
-        "methods": {"GGN": {"valid": {"mean": -1.0, "std": 0.2, "per_seed": {"0": -1.2, "1": -0.8}}}}}))
+        "methods": {"ggn": {"valid": {"mean": -1.0, "std": 0.2, "per_seed": {"0": -1.2, "1": -0.8}}}}}))
     text = findings(tmp_path, "missing", ())
     assert "m -1.00 (theory -1), s +0.00 (0), lambda_max +1.00 (+1)" in text
-    assert "150.00 +- 0.40" in text and "GGN        delta ppl  -1.000 +- 0.200" in text
+    assert "150.00 +- 0.40" in text and f"{'GGN (true Fisher, closed form)':32s} delta ppl  -1.000 +- 0.200" in text
 
 
 def test_spectrum_table_prefers_exact_values_over_probe_estimates():

@@ -50,6 +50,7 @@ class Curvature(ABC):
     """
 
     name: str
+    """Its key, e.g. ``"ggn"`` (:mod:`ifutils.curvature.labels`); tables and figures show ``label(name)``."""
     p: int
     psd: bool = False
 
@@ -163,7 +164,7 @@ class DenseCurvature(Curvature):
 
     Args:
         matrix: (p, p) float tensor; symmetrised as (C + C^T) / 2.
-        name: label used in tables and figures.
+        name: its key (:mod:`ifutils.curvature.labels`); tables and figures show its label.
         psd: the matrix is positive semi-definite by construction (a Gram matrix, a GGN); see :class:`Curvature`.
     Raises:
         FloatingPointError: the matrix holds NaN or Inf.
@@ -216,11 +217,12 @@ class DenseCurvature(Curvature):
         return evecs @ (coef / (shifted if v.dim() == 1 else shifted[:, None]))
 
     def diagonal(self, name: str | None = None) -> "DiagonalCurvature":
-        """The diagonal approximation diag(C)."""
-        return DiagonalCurvature(self.matrix.diagonal(), name or f"{self.name} (diag)", psd=self.psd)
+        """The diagonal approximation diag(C), named ``"<name>_diag"`` unless ``name`` is given."""
+        return DiagonalCurvature(self.matrix.diagonal(), name or f"{self.name}_diag", psd=self.psd)
 
     def block_diagonal(self, blocks: list[torch.Tensor], name: str | None = None) -> "BlockCurvature":
-        """The block-diagonal approximation: C[b, b] kept for each block b, every other entry zero.
+        """The block-diagonal approximation: C[b, b] kept for each block b, every other entry zero; named
+        ``"<name>_blockdiag"`` unless ``name`` is given.
 
         Args:
             blocks: index tensors partitioning range(p), e.g. one per parameter tensor
@@ -229,7 +231,7 @@ class DenseCurvature(Curvature):
         keep = torch.zeros(self.p, self.p, dtype=torch.bool, device=self.matrix.device)
         for b in blocks:
             keep[b[:, None], b] = True
-        return BlockCurvature(torch.where(keep, self.matrix, 0.0), blocks, name or f"{self.name} (block-diag)",
+        return BlockCurvature(torch.where(keep, self.matrix, 0.0), blocks, name or f"{self.name}_blockdiag",
                               psd=self.psd)
 
 
@@ -242,7 +244,7 @@ class BlockCurvature(DenseCurvature):
     Args:
         matrix: (p, p) float tensor, zero outside the blocks.
         blocks: index tensors partitioning range(p).
-        name: label.
+        name: key.
         scales: one positive float per block, default the block's mean diagonal entry trace(C_bb) / p_b.
         psd: as for :class:`DenseCurvature` (the principal blocks of a PSD matrix are PSD).
     Raises:
@@ -277,7 +279,7 @@ class BlockCurvature(DenseCurvature):
 
 
 class DiagonalCurvature(Curvature):
-    """C = diag(d). Args: d: (p,) float tensor; name: label; psd: d >= 0 by construction (the diagonal of a PSD
+    """C = diag(d). Args: d: (p,) float tensor; name: key; psd: d >= 0 by construction (the diagonal of a PSD
     matrix), see :class:`Curvature`."""
 
     def __init__(self, d: torch.Tensor, name: str, psd: bool = False):

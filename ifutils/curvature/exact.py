@@ -65,7 +65,8 @@ def hessian_and_ggn(
             and a rerun after a kill continues from the last saved chunk, with bit-identical results.
         token_ef: also return the token-level empirical Fisher (with weights w_i / (n T_i)).
     Returns:
-        (DenseCurvature "Hessian", DenseCurvature "GGN (true Fisher, closed form)"[, DenseCurvature "EF (token)"]).
+        (DenseCurvature "hessian", DenseCurvature "ggn"[, DenseCurvature "ef_token"]), named by their keys
+        (:mod:`ifutils.curvature.labels`).
     Raises:
         ValueError: no sentences, a sentence too long (``SubsetLoss.max_len``), or ``weights`` not of shape (n,).
         MemoryError: the dense p x p matrices would not fit (:func:`check_dense_fits`).
@@ -129,8 +130,8 @@ def hessian_and_ggn(
                                    **({"ef": ef.cpu()} if token_ef else {})})
     for m in (hess, ggn):
         m[dpos[:, None], lpos] = m[lpos[:, None], dpos].T
-    out = (DenseCurvature(hess / n, "Hessian"), DenseCurvature(ggn / n, "GGN (true Fisher, closed form)", psd=True))
-    return out + (DenseCurvature(ef / n, "EF (token)", psd=True),) if token_ef else out
+    out = (DenseCurvature(hess / n, "hessian"), DenseCurvature(ggn / n, "ggn", psd=True))
+    return out + (DenseCurvature(ef / n, "ef_token", psd=True),) if token_ef else out
 
 
 def _features(h: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from .base import (
 )
 
 
-def empirical_fisher(grads: torch.Tensor, lengths: torch.Tensor, name: str = "EF") -> DenseCurvature:
+def empirical_fisher(grads: torch.Tensor, lengths: torch.Tensor, name: str = "ef") -> DenseCurvature:
     """Sentence-level empirical Fisher F_emp = (1/n) sum_i T_i g_i g_i^T (module docstring).
 
     This is Kunstner, Balles, Hennig 2019, eq. 3, with our examples (sentences): g_i T_i is the gradient of
@@ -60,7 +60,7 @@ def _check_lengths(grads: torch.Tensor, lengths) -> None:
                          f"use torch.tensor([len(s) for s in sentences])")
 
 
-def token_empirical_fisher(token_grads: torch.Tensor, lengths: torch.Tensor, name: str = "EF (token)") -> DenseCurvature:
+def token_empirical_fisher(token_grads: torch.Tensor, lengths: torch.Tensor, name: str = "ef_token") -> DenseCurvature:
     """Token-level empirical Fisher F_tok = (1/n) sum_i (1/T_i) sum_t g_it g_it^T.
 
     Every token is an example: g_it is the gradient of -log p(y_t | y_<t) (nats), as in per-token
@@ -95,7 +95,7 @@ class LowRankCurvature(Curvature):
 
     Args:
         factor: (p, r) float tensor U.
-        name: label.
+        name: key.
     Attributes:
         psd: True (U U^T is a Gram matrix).
     """
@@ -111,7 +111,7 @@ class LowRankCurvature(Curvature):
         self.p = factor.shape[0]
 
     @classmethod
-    def empirical_fisher(cls, grads: torch.Tensor, lengths: torch.Tensor, name: str = "EF (Woodbury)") -> "LowRankCurvature":
+    def empirical_fisher(cls, grads: torch.Tensor, lengths: torch.Tensor, name: str = "ef_woodbury") -> "LowRankCurvature":
         """The sentence-level EF from (n, p) per-sample gradients and (n,) token counts, as a factor.
 
         Raises:
@@ -157,7 +157,7 @@ def mc_true_fisher(
     reproducible bit for bit on the same device, also when resumed from ``cache_dir``.
 
     Returns:
-        DenseCurvature named ``"true Fisher (MC, k=...)"``.
+        DenseCurvature named ``"mc_fisher_k<num_samples>"`` (its key, :mod:`ifutils.curvature.labels`).
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -167,7 +167,7 @@ def mc_true_fisher(
         g = per_sample_grads(loss, sentences, chunk_size, derive_seed(seed, draw),
                              desc=f"true Fisher draw {draw + 1}/{num_samples}", cache_dir=cache_dir)
         total += empirical_fisher(g, lengths).matrix
-    return DenseCurvature(total / num_samples, f"true Fisher (MC, k={num_samples})", psd=True)
+    return DenseCurvature(total / num_samples, f"mc_fisher_k{num_samples}", psd=True)
 
 
 def mc_fisher_errors(

@@ -495,7 +495,7 @@ class OperatorCurvature(Curvature):
 
     Args:
         mv: C as a matvec (e.g. :func:`hvp_operator`).
-        p: dimension. name: label used in tables and figures.
+        p: dimension. name: its key (:mod:`ifutils.curvature.labels`).
         method: ``"cg"`` (:func:`conjugate_gradient`) or ``"lissa"`` (:func:`lissa`; needs ``scale`` and ``depth``).
         trace: tr(C) if known; otherwise :meth:`mean_eigenvalue` estimates it by :func:`~ifutils.curvature.estimators.hutchinson`
             with ``probes`` probes seeded by ``probe_seed`` (once, then cached).
@@ -557,7 +557,7 @@ class ArnoldiCurvature(Curvature):
     Args:
         mv: C as a matvec. p: dimension. rank: Ritz pairs kept.
         complement: passed to :func:`arnoldi_solve` (True: exact for C of rank ``rank``; False: Schioppa et al.).
-        name: label, default ``"Arnoldi (rank k)"``. num_iter, seed, tol: passed to :func:`arnoldi` (``num_iter``
+        name: key, default ``"arnoldi_r<rank>"`` (``"arnoldi_r<rank>_complement"`` with ``complement``). num_iter, seed, tol: passed to :func:`arnoldi` (``num_iter``
             defaults to min(p, 2 rank) iterations; raise it when pairs are reported unresolved).
         trace: tr(C) if known, so that relative damping uses the operator's own scale trace(C) / p instead of
             the sum of the kept Ritz values / p (which depends on the rank).
@@ -569,7 +569,7 @@ class ArnoldiCurvature(Curvature):
                  num_iter: int | None = None, seed: int = 0, tol: float = 1e-6, trace: float | None = None):
         self.evals, self.evecs, self.info = arnoldi(mv, p, rank, num_iter, seed, tol)
         self.p, self.complement, self._trace = p, complement, trace
-        self.name = name or f"Arnoldi (rank {rank})"
+        self.name = name or f"arnoldi_r{rank}" + ("_complement" if complement else "")
 
     def mean_eigenvalue(self) -> float:
         """trace / p when ``trace`` was given, else the mean of :meth:`eigvalsh` (Ritz values and zeros)."""
@@ -596,10 +596,10 @@ class DataInfCurvature(LowRankCurvature):
 
     Args:
         grads: (n, p) per-sample gradients. weights: (n,) w_i, or None for ones; the project's EF uses the
-            token counts T_i. name: label.
+            token counts T_i. name: key (:mod:`ifutils.curvature.labels`).
     """
 
-    def __init__(self, grads: torch.Tensor, weights: torch.Tensor | None, name: str = "EF (DataInf)"):
+    def __init__(self, grads: torch.Tensor, weights: torch.Tensor | None, name: str = "ef_datainf"):
         u = _weighted(grads, weights)
         super().__init__(u.T / math.sqrt(len(u)), name)  # F = U U^T with U = [u_i / sqrt(n)]
 

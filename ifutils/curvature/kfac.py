@@ -265,7 +265,7 @@ def _accumulate(
     return {k: v.cpu() for k, v in sums.items()}
 
 
-def kfac_curvature(layers: list[LayerFactors], p: int, name: str = "KFAC") -> "KroneckerCurvature":
+def kfac_curvature(layers: list[LayerFactors], p: int, name: str = "kfac") -> "KroneckerCurvature":
     """KFAC restricted to the subset: block-diagonal over layers, block l = G_l[R, R] (x) A_l[C, C] on the
     layer's coordinates. Relative damping is per layer: alpha * tr(A) tr(G) / (c r), the mean eigenvalue of
     G (x) A (one damping per layer as kronfluence, whose heuristic without a given damping is alpha = 0.1).
@@ -279,7 +279,7 @@ def kfac_curvature(layers: list[LayerFactors], p: int, name: str = "KFAC") -> "K
                      [float(layer.A.trace() * layer.G.trace() / (len(layer.A) * len(layer.G))) for layer in layers])
 
 
-def ekfac_curvature(layers: list[LayerFactors], p: int, name: str = "EK-FAC") -> "KroneckerCurvature":
+def ekfac_curvature(layers: list[LayerFactors], p: int, name: str = "ekfac") -> "KroneckerCurvature":
     """EK-FAC restricted to the subset (module docstring); per-layer relative damping alpha * mean(Lambda*_l),
     kronfluence's heuristic (without a given damping) with alpha = 0.1.
 

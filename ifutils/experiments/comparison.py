@@ -22,6 +22,7 @@ from ..curvature import (
     hessian_and_ggn,
     mc_true_fisher,
 )
+from ..curvature.labels import label
 from ..data import Corpus
 from ..influence import (
     gradient_similarity,
@@ -33,8 +34,35 @@ from ..metrics import agreement
 from ..progress import stage as log_stage
 from ..subset import SubsetLoss
 
-REFERENCE = "Hessian"
-GGN = "GGN (true Fisher, closed form)"
+REFERENCE = "hessian"
+"""Key of the reference curvature, the exact Hessian (keys and labels: :mod:`ifutils.curvature.labels`)."""
+GGN = "ggn"
+"""Key of the Gauss-Newton matrix (= true Fisher in closed form)."""
+
+
+def mc_fisher_key(mc_samples: int) -> str:
+    """Key of the Monte Carlo true Fisher from ``mc_samples`` label draws, e.g. ``"mc_fisher_k4"``.
+
+    Raises:
+        ValueError: ``mc_samples`` is not a positive int.
+    """
+    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"mc_samples must be a positive int (InfluenceConfig.mc_samples), got {mc_samples!r}")
+    return f"mc_fisher_k{mc_samples}"
+
+
+def dense_spectra_keys(mc_samples: int) -> tuple[str, ...]:
+    """Keys of the curvatures whose spectra the notebook shows: the Hessian, the GGN, the Monte Carlo true Fisher
+    from ``mc_samples`` draws, the sentence- and token-level EF, KFAC and EK-FAC (a key the run did not build, e.g.
+    KFAC on an uncovered subset, is skipped by the caller)."""
+    return (REFERENCE, GGN, mc_fisher_key(mc_samples), "ef", "ef_token", "kfac", "ekfac")
+
+
+def scatter_keys(mc_samples: int) -> tuple[str, ...]:
+    """Keys of the curvatures in the notebook's score scatter against exact-Hessian influence: the GGN, the Monte
+    Carlo true Fisher from ``mc_samples`` draws, the sentence- and token-level EF, the GGN's diagonal, KFAC, EK-FAC
+    and the identity (the damping-free gradient cosine, ``"cosine"``, is added by the caller)."""
+    return (GGN, mc_fisher_key(mc_samples), "ef", "ef_token", "ggn_diag", "kfac", "ekfac", "identity")
 
 
 @dataclass
@@ -141,7 +169,8 @@ def build_curvatures(
     loss: SubsetLoss, sentences: list[torch.Tensor], train_grads_h: torch.Tensor, config: InfluenceConfig,
     timer: StageTimer, cache_dir: str | None = None, solvers: bool = True,
 ) -> dict[str, Curvature]:
-    """Every curvature of the comparison, all from the same n_H sentences, each timed under ``"curvature: <name>"``.
+    """Every curvature of the comparison, all from the same n_H sentences, each timed under ``"curvature: <stage>"``
+    (stage names are text, e.g. ``"curvature: KFAC + EK-FAC"``).
 
     * exact: Hessian (the reference), GGN (= true Fisher, closed form) and the token-level EF, from one
       structured pass;
@@ -163,7 +192,7 @@ def build_curvatures(
         solvers: False leaves out the Woodbury EF, the iHVP solvers and DataInf (the robustness sweeps, which
             compare the curvature matrices themselves).
     Returns:
-        name -> Curvature, the Hessian first.
+        key -> Curvature (keys: :mod:`ifutils.curvature.labels`), the Hessian first.
     """
     from ..curvature.kfac import (
         ekfac_curvature,
@@ -186,12 +215,12 @@ def build_curvatures(
     hess, ggn = out[REFERENCE], out[GGN]
     add("true Fisher (MC)", lambda: mc_true_fisher(loss, sentences, config.mc_samples, config.seed, config.chunk_size, cache_dir))
     add("EF", lambda: empirical_fisher(train_grads_h, lengths))
-    ef = out["EF"]
+    ef = out["ef"]
     blocks = list(loss.blocks().values())
     for c in (hess, ggn, ef):  # extracted from the dense matrix: their cost is the parent's
-        add(f"diagonal of {c.name}", c.diagonal)
+        add(f"diagonal of {label(c.name)}", c.diagonal)
         if len(blocks) > 1:
-            add(f"block-diagonal of {c.name}", lambda c=c: c.block_diagonal(blocks))
+            add(f"block-diagonal of {label(c.name)}", lambda c=c: c.block_diagonal(blocks))
     def kronecker():
         layers = fit_kfac(loss, sentences, "model", config.mc_samples, config.seed, config.chunk_size, cache_dir=cache_dir)
         return kfac_curvature(layers, hess.p), ekfac_curvature(layers, hess.p)
@@ -203,7 +232,7 @@ def build_curvatures(
         add("KFAC + EK-FAC", kronecker)
     if solvers:
         _add_solvers(add, out, hess, train_grads_h, lengths, config)
-    add("identity", lambda: IdentityCurvature(hess.p, "identity (gradient dot product)", hess.matrix.device))
+    add("identity", lambda: IdentityCurvature(hess.p, "identity", hess.matrix.device))
     return out
 
 
@@ -219,13 +248,13 @@ def _add_solvers(add, out, hess, train_grads_h, lengths, config) -> None:
         add("EF (Woodbury)", lambda: LowRankCurvature.empirical_fisher(train_grads_h, lengths))
     matvec, trace = (lambda v: hess.matrix @ v.to(hess.matrix.device)), float(hess.matrix.trace())
     rank = min(config.arnoldi_rank, hess.p)
-    for complement, label in ((False, "Schioppa"), (True, "+ complement")):
-        add("Hessian (Arnoldi)", lambda c=complement, label=label: ArnoldiCurvature(
-            matvec, hess.p, rank, c, f"Hessian (Arnoldi, r={rank}, {label})", seed=config.seed, trace=trace))
-    top = float(out[f"Hessian (Arnoldi, r={rank}, Schioppa)"].evals.abs().max())
+    for complement in (False, True):  # named arnoldi_r<rank>[_complement]
+        add("Hessian (Arnoldi)", lambda c=complement: ArnoldiCurvature(
+            matvec, hess.p, rank, c, seed=config.seed, trace=trace))
+    top = float(out[f"arnoldi_r{rank}"].evals.abs().max())
     scale = lambda damping: 1.1 * (top + float(torch.as_tensor(damping).max()))  # noqa: E731  above lambda_max(H + damping)
-    add("Hessian (CG)", lambda: OperatorCurvature(matvec, hess.p, "Hessian (CG)", method="cg", trace=trace))
-    add("Hessian (LiSSA)", lambda: OperatorCurvature(matvec, hess.p, "Hessian (LiSSA)", method="lissa", trace=trace,
+    add("Hessian (CG)", lambda: OperatorCurvature(matvec, hess.p, "hessian_cg", method="cg", trace=trace))
+    add("Hessian (LiSSA)", lambda: OperatorCurvature(matvec, hess.p, "hessian_lissa", method="lissa", trace=trace,
                                                      scale=scale, depth=config.lissa_depth))
     add("EF (DataInf)", lambda: DataInfCurvature(train_grads_h, lengths))
 
@@ -237,7 +266,7 @@ def matrix_errors(curvatures: dict[str, Curvature], references: tuple[str, ...] 
     solve. Operators without a matrix are left out.
 
     Returns:
-        {curvature name: {reference name: float}}.
+        {curvature key: {reference key: float}}.
     """
     def dense(c):
         if isinstance(c, DenseCurvature):
@@ -257,8 +286,8 @@ def matrix_errors(curvatures: dict[str, Curvature], references: tuple[str, ...] 
 
 def hessian_free_scores(train_grads: torch.Tensor, test_grads: torch.Tensor) -> dict[str, torch.Tensor]:
     """Damping-free pairwise scores compared like curvatures: the gradient cosine (the identity curvature
-    already gives the dot product, TracIn). name -> (n_train, n_test)."""
-    return {"gradient cosine": gradient_similarity(train_grads, test_grads, "cosine")}
+    already gives the dot product, TracIn). key (``"cosine"``) -> (n_train, n_test)."""
+    return {"cosine": gradient_similarity(train_grads, test_grads, "cosine")}
 
 
 def detection_agreement(
@@ -418,7 +447,7 @@ def comparison_table(
 
 
 def format_comparison(table: list[dict]) -> str:
-    """Plain-text comparison table (``comparison_table``'s entries)."""
+    """Plain-text comparison table (``comparison_table``'s entries), each curvature shown by its label."""
     head = (f"{'curvature':36s} {'best damping':>16s} {'Pear':>6s} {'Spear':>6s} {'top10%':>6s} | "
             f"{'Pear':>6s} {'Spear':>6s} {'top10%':>6s} | {'build s':>8s} {'memory':>9s}")
     lines = [f"{'':36s} {'--- at best damping ---':>38s} | {'-- at default --':>20s} |", head, "-" * len(head)]
@@ -428,7 +457,7 @@ def format_comparison(table: list[dict]) -> str:
         frac = lambda m: (m["top_frac_harmful"] + m["top_frac_helpful"]) / 2 if m else float("nan")  # noqa: E731
         secs = "" if e["build_seconds"] is None else f"{e['build_seconds']:.1f}" + ("*" if e["shared_with"] else "")
         mem = "" if e["bytes"] is None else f"{e['bytes'] / 2**20:.2f} MiB"
-        lines.append(f"{e['curvature']:36s} {where:>16s} {b['pearson']:6.3f} {b['spearman']:6.3f} {frac(b):6.3f} | "
+        lines.append(f"{label(e['curvature']):36s} {where:>16s} {b['pearson']:6.3f} {b['spearman']:6.3f} {frac(b):6.3f} | "
                      f"{d.get('pearson', float('nan')):6.3f} {d.get('spearman', float('nan')):6.3f} {frac(d):6.3f} | "
                      f"{secs:>8s} {mem:>9s}")
     lines.append("reference: H + default lambda I throughout; top10% = mean of the harmful and helpful top-10% "

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..curvature.labels import label as curvature_label
+from .comparison import REFERENCE
 from .spectrum import preferred_estimates
 
 
@@ -30,9 +32,9 @@ def ground_truth_table(gt: dict) -> str:
              f"{'curvature':40s} {'LOO Pearson':>24s} {'LOO Spearman':>24s} {'leave-k Pearson':>24s} {'LDS':>24s}"]
     for name, m in gt["agreement"].items():
         if "error" in m:
-            lines.append(f"{name:40s} {m['error'][:80]}")
+            lines.append(f"{curvature_label(name):40s} {m['error'][:80]}")
             continue
-        lines.append(f"{name:40s} {_ci(m['leave-one-out'], 'pearson')} {_ci(m['leave-one-out'], 'spearman')} "
+        lines.append(f"{curvature_label(name):40s} {_ci(m['leave-one-out'], 'pearson')} {_ci(m['leave-one-out'], 'spearman')} "
                      f"{_ci(m['leave-k-out'], 'pearson')} {_ci(m['LDS'], 'spearman')}")
     floor = gt["noise_floor"]
     lines.append(f"noise floor: {floor['max_abs']:.1e} nats/token against a median |LOO change| of "
@@ -46,7 +48,8 @@ def ground_truth_table(gt: dict) -> str:
 
 
 def robustness_table(robustness: dict, curvatures: tuple[str, ...]) -> str:
-    """Spearman with exact-Hessian influence [95 % CI] of ``curvatures`` at every setting of every sweep."""
+    """Spearman with exact-Hessian influence [95 % CI] of ``curvatures`` (keys) at every setting of every sweep, each
+    shown by its label."""
     lines = []
     for sweep, section in robustness.items():
         groups = ({k: section[k] for k in ("sentences", "mc_draws", "damping") if k in section} if sweep == "estimation"
@@ -57,10 +60,10 @@ def robustness_table(robustness: dict, curvatures: tuple[str, ...]) -> str:
             for r in rows:
                 if r["curvature"] in curvatures or name == "mc_draws":
                     flag = "  (reference indefinite)" if r["reference_indefinite"] else ""
-                    lines.append(f"{str(r[field]):>10s}  {r['curvature']:40s} {_ci(r, 'spearman')}{flag}")
+                    lines.append(f"{str(r[field]):>10s}  {curvature_label(r['curvature']):40s} {_ci(r, 'spearman')}{flag}")
         for label, point in section.get("points", {}).items():  # best damping against the spectrum's scale
-            h = point["spectra"]["Hessian"]
-            best = ", ".join(f"{n} {d:.0e}" for n, d in point["best_damping"].items() if n in curvatures)
+            h = point["spectra"][REFERENCE]
+            best = ", ".join(f"{curvature_label(n)} {d:.0e}" for n, d in point["best_damping"].items() if n in curvatures)
             lines.append(f"{label:>10s}  lambda used {point['damping']:.1e}; H: mean eigenvalue {h['mean']:.1e}, "
                          f"largest {h['max']:.1e}, smallest {h['min']:.1e}; best damping: {best}")
     return "\n".join(lines)
@@ -77,7 +80,7 @@ def retrain_table(retrain: dict) -> str:
     random = retrain["methods"].get("random", {}).get("valid", {}).get("per_seed", {})
     for method, entry in retrain["methods"].items():
         v = entry["valid"]
-        line = (f"{method:10s} delta ppl {v['mean']:+7.3f} +- {v['std']:.3f}  per seed "
+        line = (f"{method if method == 'random' else curvature_label(method):32s} delta ppl {v['mean']:+7.3f} +- {v['std']:.3f}  per seed "
                 + ", ".join(f"{x:+.3f}" for x in v["per_seed"].values()))
         paired = [v["per_seed"][s] - random[s] for s in v["per_seed"] if s in random]
         if method != "random" and len(paired) > 1:  # same seed, same removal count: the paired control

@@ -345,7 +345,7 @@ def ground_truth_study(
                                               config.absolute_dampings)
     eigenvalues = torch.linalg.eigvalsh(hess)
     loo_groups = [[i] for i in retraining.loo_samples]
-    shown = [REFERENCE, GGN, "EF", "identity (gradient dot product)"]
+    shown = [REFERENCE, GGN, "ef", "identity"]
     results = {
         "config": gt.to_dict(), "reference_solve": reference, "solves": retraining.solves,
         "hessian_at_theta_star": {"min_eigenvalue": float(eigenvalues[0]), "max_eigenvalue": float(eigenvalues[-1]),

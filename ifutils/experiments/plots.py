@@ -9,7 +9,9 @@ import matplotlib.ticker
 import numpy as np
 import torch
 
+from ..curvature.labels import label as curvature_label
 from ..io import atomic_write
+from .comparison import REFERENCE
 from .spectrum import preferred_estimates
 
 
@@ -35,7 +37,8 @@ def training_curves(history: list[dict], label: str, path: str | os.PathLike) ->
 
 
 def score_scatter(reference: torch.Tensor, scores: dict[str, torch.Tensor], label: str, path: str | os.PathLike) -> plt.Figure:
-    """One panel per curvature: its influence scores against the reference (exact Hessian), all
+    """One panel per curvature (``scores`` keyed by curvature key, titled by its label): its influence scores
+    against the reference (exact Hessian), all
     (train, test) pairs, each axis scaled by its standard deviation (curvatures differ in scale) and
     cut at the 0.5 / 99.5 percentiles so that a few outliers do not hide the bulk."""
     n = len(scores)
@@ -50,7 +53,7 @@ def score_scatter(reference: torch.Tensor, scores: dict[str, torch.Tensor], labe
         ax.scatter(ref, est, s=2, alpha=0.3)
         ax.set_xlim(*np.percentile(ref, [0.5, 99.5]))
         ax.set_ylim(*np.percentile(est, [0.5, 99.5]))
-        ax.set(title=name, xlabel="exact-Hessian influence / std", ylabel="influence / std")
+        ax.set(title=curvature_label(name), xlabel="exact-Hessian influence / std", ylabel="influence / std")
         ax.title.set_fontsize(9)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
@@ -66,11 +69,11 @@ def correlation_vs_damping(rows: list[dict], metric: str, label: str, path: str 
     panel against the reference's lambda, dashed. Grey bands mark dampings where the reference H + lambda I
     is indefinite; one colour and marker per curvature, legend beside the panels."""
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.6), sharey=True)
-    names = list(dict.fromkeys(r["curvature"] for r in rows if r["curvature"] != "Hessian"))
+    names = list(dict.fromkeys(r["curvature"] for r in rows if r["curvature"] != REFERENCE))
     style = {n: (plt.cm.tab20(k % 20), "os^vD<>ph*"[k % 10]) for k, n in enumerate(names)}
     for ax, mode in zip(axes, ["absolute", "relative"]):
         sel = [r for r in rows if r["mode"] in ((mode, "none") if mode == "absolute" else (mode,))
-               and r["curvature"] != "Hessian"]
+               and r["curvature"] != REFERENCE]
         indefinite = [r["value"] for r in sel if r["reference_indefinite"]]
         if indefinite:
             ax.axvspan(min(indefinite), max(indefinite), color="0.85", label="H + lambda I indefinite")
@@ -78,7 +81,8 @@ def correlation_vs_damping(rows: list[dict], metric: str, label: str, path: str 
             pts = [(r["value"], r[metric]) for r in sel if r["curvature"] == name]
             color, marker = style[name]
             dashed = any(r["mode"] == "none" for r in sel if r["curvature"] == name)
-            ax.plot(*zip(*pts), marker=marker, ls="--" if dashed else "-", color=color, label=name, ms=4, lw=1)
+            ax.plot(*zip(*pts), marker=marker, ls="--" if dashed else "-", color=color, label=curvature_label(name),
+                    ms=4, lw=1)
         ax.set_xscale("log")
         ax.set(xlabel="damping lambda" if mode == "absolute" else "alpha (lambda = alpha * mean eigenvalue)",
                title=f"{mode} damping", ylabel=f"{metric} vs exact Hessian")
@@ -105,8 +109,8 @@ def mc_error(errors: dict[int, float], label: str, path: str | os.PathLike) -> p
 
 
 def spectra(eigenvalues: dict[str, torch.Tensor], label: str, path: str | os.PathLike) -> plt.Figure:
-    """Sorted eigenvalue magnitudes on a log axis; negative eigenvalues are drawn as crosses,
-    never dropped; exact zeros (e.g. a PSD spectrum clipped by
+    """Sorted eigenvalue magnitudes on a log axis, one series per curvature key (legend: its label); negative
+    eigenvalues are drawn as crosses, never dropped; exact zeros (e.g. a PSD spectrum clipped by
     :func:`~ifutils.experiments.comparison.reported_eigenvalues`) are counted in the legend but have no place on
     the log axis."""
     fig, ax = plt.subplots(figsize=(6, 3.8))
@@ -114,7 +118,8 @@ def spectra(eigenvalues: dict[str, torch.Tensor], label: str, path: str | os.Pat
         ev = ev.double().cpu().numpy()[::-1]
         rank = np.arange(1, len(ev) + 1)
         pos, neg = ev > 0, ev < 0
-        ax.plot(rank[pos], ev[pos], ".", ms=3, color=f"C{k}", label=f"{name} ({(~pos).sum()} of {len(ev)} <= 0)")
+        ax.plot(rank[pos], ev[pos], ".", ms=3, color=f"C{k}",
+                label=f"{curvature_label(name)} ({(~pos).sum()} of {len(ev)} <= 0)")
         if neg.any():
             ax.plot(rank[neg], np.abs(ev[neg]), "x", ms=3, color=f"C{k}")
     ax.set_yscale("log")
@@ -138,7 +143,8 @@ def retrain_deltas(results: dict, label: str, path: str | os.PathLike, split: st
         ax.bar(k, entry["mean"], color=f"C{k}", alpha=0.7, yerr=entry["std"] or 0, capsize=4)
         ax.plot([k] * len(entry["per_seed"]), list(entry["per_seed"].values()), "k.", ms=5)
     ax.axhline(0, color="k", lw=0.8)
-    ax.set_xticks(range(len(methods)), methods)
+    ax.set_xticks(range(len(methods)), [m if m == "random" else curvature_label(m) for m in methods],
+                  fontsize=7, rotation=20, ha="right")
     ax.set(ylabel=f"delta perplexity ({split})",
            title=f"{label}: retrained without the top {results['config']['percent']:g}% "
                  f"({results['n_removed']} sentences), {len(results['config']['seeds'])} seeds")
@@ -201,7 +207,7 @@ def retraining_scatter(predicted: dict[str, torch.Tensor], actual: torch.Tensor,
         ax.scatter(x, y, s=3, alpha=0.4)
         lim = max(np.nanmax(abs(x)), np.nanmax(abs(y)))  # failed re-solves are NaN rows
         ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.8)
-        ax.set(xlabel="predicted change (nats/token)", title=name)
+        ax.set(xlabel="predicted change (nats/token)", title=curvature_label(name))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("actual change after re-solve")
     fig.suptitle(label, fontsize=9)
@@ -214,7 +220,7 @@ def sweep_with_ci(rows: list[dict], x: str, metric: str, label: str, path: str |
     """``metric`` against setting ``x`` for each curvature, with its 95 % bootstrap interval as a band.
 
     Args:
-        rows: dicts with ``curvature``, ``x``'s key, ``metric`` and ``metric + "_ci"`` = (low, high).
+        rows: dicts with ``curvature`` (a key; the legend shows its label), ``x``'s key, ``metric`` and ``metric + "_ci"`` = (low, high).
         categorical: ``x`` values are labels (seeds, subsets), drawn at evenly spaced positions in row order.
     """
     fig, ax = plt.subplots(figsize=(8.5, 4.4))
@@ -224,7 +230,8 @@ def sweep_with_ci(rows: list[dict], x: str, metric: str, label: str, path: str |
         mine = mine if categorical else sorted(mine, key=lambda r: r[x])
         xs = [levels.index(r[x]) if categorical else r[x] for r in mine]
         color = plt.cm.tab20(k % 20)
-        ax.plot(xs, [r[metric] for r in mine], marker="os^vD<>ph*"[k % 10], color=color, label=name, ms=4, lw=1)
+        ax.plot(xs, [r[metric] for r in mine], marker="os^vD<>ph*"[k % 10], color=color, label=curvature_label(name),
+                ms=4, lw=1)
         ax.fill_between(xs, [r[metric + "_ci"][0] for r in mine], [r[metric + "_ci"][1] for r in mine],
                         color=color, alpha=0.15)
     if categorical:

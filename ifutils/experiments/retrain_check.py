@@ -43,7 +43,8 @@ from ..model import LSTMLM, ModelConfig
 from ..subset import SubsetLoss, default_subset
 from ..train import TrainConfig, perplexity, train_language_model
 
-METHODS = ("Hessian", "GGN", "EF", "identity", "random")
+METHODS = ("hessian", "ggn", "ef", "identity", "random")
+"""Curvature keys (:mod:`ifutils.curvature.labels`) of the influence methods, and ``"random"`` removal."""
 
 
 @dataclass
@@ -178,7 +179,7 @@ def harmfulness(
     hessian_part = train[: config.n_hessian]
     hess, ggn = hessian_and_ggn(loss, hessian_part, cache_dir=cache_dir)
     ef = empirical_fisher(g_train[: config.n_hessian], torch.tensor([len(s) for s in hessian_part]))
-    curvatures = {"Hessian": hess, "GGN": ggn, "EF": ef, "identity": IdentityCurvature(loss.subset.size)}
+    curvatures = {c.name: c for c in (hess, ggn, ef, IdentityCurvature(loss.subset.size))}
     damping = scale_damping(hess, ggn, config.damping_alpha)
     scores = {m: influence(g_train, g_val, curvatures[m], damping)[:, 0] for m in config.methods if m != "random"}
     if "random" in config.methods:

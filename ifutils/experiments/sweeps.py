@@ -20,6 +20,7 @@ from ..influence import influence
 from ..metrics import bootstrap_ci, column_correlation
 from ..subset import SubsetLoss, default_subset
 from .comparison import (
+    GGN,
     REFERENCE,
     InfluenceConfig,
     StageTimer,
@@ -27,9 +28,9 @@ from .comparison import (
     spectrum_summary,
 )
 
-SHOWN = (REFERENCE, "GGN (true Fisher, closed form)", "EF", "EF (token)", "Hessian (diag)",
-         "GGN (true Fisher, closed form) (diag)", "KFAC", "EK-FAC", "identity (gradient dot product)")
-"""Curvatures kept in the sweeps (the Monte Carlo Fisher is added under its own name)."""
+SHOWN = (REFERENCE, GGN, "ef", "ef_token", "hessian_diag", "ggn_diag", "kfac", "ekfac", "identity")
+"""Keys of the curvatures kept in the sweeps (the Monte Carlo Fisher, ``mc_fisher_k<k>``, is added under its own
+key)."""
 
 
 def agreement_with_ci(reference: torch.Tensor, scores: torch.Tensor, seed: int = 0, resamples: int = 1000) -> dict:
@@ -67,7 +68,7 @@ def curvature_rows(
 
 
 def _keep(curvatures: dict[str, Curvature]) -> dict[str, Curvature]:
-    return {n: c for n, c in curvatures.items() if n in SHOWN or n.startswith("true Fisher (MC")}
+    return {n: c for n, c in curvatures.items() if n in SHOWN or n.startswith("mc_fisher_k")}
 
 
 def setting_rows(
@@ -85,7 +86,7 @@ def setting_rows(
     test = per_sample_grads(loss, samples["test"], config.chunk_size, cache_dir=cache_dir, desc=None)
     curvatures = _keep(build_curvatures(loss, samples["hessian"], train[: config.n_hessian], config, StageTimer(),
                                         cache_dir, solvers=False))
-    damping = scale_damping(curvatures[REFERENCE], curvatures[SHOWN[1]])
+    damping = scale_damping(curvatures[REFERENCE], curvatures[GGN])
     rows = curvature_rows(curvatures, train, test, damping, setting, config.seed)
     exact = influence(train, test, curvatures[REFERENCE], damping)
     best = {}
@@ -93,7 +94,7 @@ def setting_rows(
         spearman = {d: column_correlation(exact, influence(train, test, c, d), "spearman")
                     for d in config.absolute_dampings}
         best[name] = max(spearman, key=spearman.get)
-    stats = {name: spectrum_summary(curvatures[name]) for name in SHOWN[:2]}
+    stats = {name: spectrum_summary(curvatures[name]) for name in (REFERENCE, GGN)}
     return rows, {"spectra": stats, "best_damping": best, "damping": damping}
 
 

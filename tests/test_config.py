@@ -118,3 +118,19 @@ def test_entry_points_show_dataclass_help(script):
     out = subprocess.run([sys.executable, str(ROOT / "experiments" / script), "--help"], capture_output=True, text=True,
                          timeout=120, check=True, env={"PYTHONPATH": str(ROOT), "PATH": ""}).stdout
     assert "(default:" in out
+
+
+@pytest.mark.parametrize("notebook", ["train_lstm_penn_treebank.ipynb", "fisher_if.ipynb"])
+def test_notebooks_validate_with_cell_ids_and_no_warning(notebook):
+    """nbformat 4.5: every cell carries a unique id, and validation raises no warning (MissingIDFieldWarning)."""
+    import warnings
+
+    import nbformat
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nb = nbformat.read(ROOT / notebook, as_version=4)
+        nbformat.validate(nb)
+    assert (nb.nbformat, nb.nbformat_minor) >= (4, 5)
+    ids = [c.get("id") for c in nb.cells]
+    assert all(ids) and len(set(ids)) == len(ids)

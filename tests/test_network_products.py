@@ -13,6 +13,7 @@ from ifutils.curvature.network_products import (
     NetworkOperatorCurvature,
     extreme_eigenvalues,
     network_operator,
+    relative_residual,
 )
 from ifutils.data import make_batch
 from ifutils.influence import influence
@@ -169,6 +170,15 @@ def test_extreme_eigenvalues_of_a_psd_matrix_and_non_convergence():
     assert not slow["lambda_min_converged"]
     # Ritz values are inside the spectrum: a bound (or NaN when none converged), never beyond the extremes.
     assert not slow["lambda_min"] < float(evals[0]) - 1e-12 and not slow["lambda_max"] > float(evals[-1]) + 1e-12
+
+
+def test_relative_residual_with_a_diagonal_damping():
+    c = torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x, b, d = rhs(6, 2, seed=6), rhs(6, 2, seed=7), torch.linspace(0.1, 0.6, 6, dtype=torch.float64)
+    expected = ((c @ x + d[:, None] * x - b).norm(dim=0) / b.norm(dim=0)).tolist()
+    assert relative_residual(lambda v: c @ v, x, b, d) == pytest.approx(expected, rel=1e-12)
+    assert relative_residual(lambda v: c @ v, x[:, 0], b[:, 0], 0.5) == pytest.approx(
+        [float((c @ x[:, 0] + 0.5 * x[:, 0] - b[:, 0]).norm() / b[:, 0].norm())], rel=1e-12)
 
 
 def test_bad_input_is_refused(dense):

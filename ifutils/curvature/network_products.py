@@ -40,7 +40,14 @@ from torch.func import vmap
 
 from .base import Curvature, Damping, _describe
 from .estimators import CURVATURES, CurvatureProducts, hutchinson, rademacher
-from .inverse import HUTCHINSON_PROBES, SolverWarning, arnoldi, arnoldi_solve, conjugate_gradient, lissa
+from .inverse import (
+    HUTCHINSON_PROBES,
+    SolverWarning,
+    arnoldi,
+    arnoldi_solve,
+    conjugate_gradient,
+    lissa,
+)
 
 METHODS = ("cg", "lissa", "arnoldi")
 

@@ -21,9 +21,9 @@ V = 13
 def flat_layout(model):
     params = dict(model.named_parameters())
     offsets, start = {}, 0
-    for n in params:
-        offsets[n] = slice(start, start + params[n].numel())
-        start += params[n].numel()
+    for n, t in params.items():
+        offsets[n] = slice(start, start + t.numel())
+        start += t.numel()
     return offsets, start
 
 
@@ -71,7 +71,7 @@ def exact_ggn(model, sentences):
     for s in sentences:
         inputs, _, _ = make_batch([s], EOS)
 
-        def logits(flat):
+        def logits(flat, inputs=inputs):
             weights = {n: flat[offsets[n]].view(params[n].shape) for n in names}
             return functional_call(model, weights, (inputs,), {"unrolled": True})[0]
 
@@ -120,6 +120,25 @@ def test_one_token_kfac_equals_exact_ggn_and_ef_blocks():
         torch.testing.assert_close(kfac_ef.dense_block(name), block(ef, offsets, name), rtol=1e-9, atol=1e-12, msg=name)
 
 
+def test_decoder_factors_of_longer_sentences_use_the_sentence_sum_delta():
+    """G = sum_t w_t r_t r_t^T with r_t = p_t - onehot(y_t), the gradient of the sentence SUM of NLLs w.r.t. the
+    logits (not the mean's r_t / T_i), and A = sum_t w_t h_t h_t^T, w_t = 1 / (n T_i); from the model's forward."""
+    model = tiny_model(layers=2)
+    sentences = random_sentences(6, V, max_len=6, seed=12)
+    factors = nk.fit_network_kfac(model, sentences, EOS, labels="data", ekfac=False, chunk_size=4).factors
+    g_expected, a_expected = 0, 0
+    for s in sentences:
+        inputs, targets, _ = make_batch([s], EOS)
+        with torch.no_grad():
+            r = torch.softmax(model(inputs)[0], -1) - torch.nn.functional.one_hot(targets[0], V).double()
+            h = model(inputs, return_hidden=True)[0]
+        g_expected = g_expected + r.T @ r / (len(sentences) * len(s))
+        a_expected = a_expected + h.T @ h / (len(sentences) * len(s))
+    torch.testing.assert_close(factors["G.decoder"], g_expected, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(factors["A.decoder"], a_expected, rtol=1e-10, atol=1e-13)
+    assert factors["A.bias"].item() == pytest.approx(1.0)
+
+
 def test_embedding_input_factor_is_the_weighted_one_hot_covariance():
     model = tiny_model()
     sentences = random_sentences(7, V, max_len=5, seed=2)
@@ -140,7 +159,8 @@ def test_embedding_input_factor_is_the_weighted_one_hot_covariance():
 @pytest.mark.parametrize("labels", ["data", "model"])
 def test_ekfac_eigenvalues_equal_a_brute_force_fit(labels):
     model = tiny_model(layers=2)
-    sentences = random_sentences(5, V, max_len=4, seed=6)
+    # model labels: the decoder's oracle enumerates all V^T label sequences, so keep T = 2
+    sentences = random_sentences(5, V, max_len=4 if labels == "data" else 1, seed=6)
     factors = nk.fit_network_kfac(model, sentences, EOS, labels=labels, mc_samples=2, chunk_size=2, seed=3)
     bases = factors.eigenbases()
     offsets, _ = flat_layout(model)
@@ -241,7 +261,7 @@ def test_n_fit_draws_a_seeded_subset():
 def test_resume_after_a_kill_gives_identical_factors(tmp_path, monkeypatch):
     model = tiny_model(layers=2)
     sentences = random_sentences(10, V, max_len=5, seed=11)
-    kwargs = dict(mc_samples=2, chunk_size=2, seed=1, save_every=0.0)
+    kwargs = {"mc_samples": 2, "chunk_size": 2, "seed": 1, "save_every": 0.0}
     expected = nk.fit_network_kfac(model, sentences, EOS, **kwargs)
     real, calls = nk._ekfac_chunk, []
 

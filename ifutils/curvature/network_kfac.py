@@ -370,7 +370,9 @@ def _factor_chunk(net, s, d, labels, draws, w, lengths, add) -> None:
             keep = w > 0
             p, wt = s["probs"][keep], w[keep]
             add("G.decoder", torch.diag(wt @ p) - (p * wt[:, None]).T @ p)
-    gram = lambda delta: torch.einsum("btr,bts,bt->rs", delta.double(), delta.double(), n_weight) / draws  # noqa: E731
+    def gram(delta):
+        return torch.einsum("btr,bts,bt->rs", delta.double(), delta.double(), n_weight) / draws
+
     add("G.embedding", gram(s["d_embedding"]))
     for k in range(_layers(net)):
         add(f"G.lstm{k}", gram(s[f"d_gates{k}"]))

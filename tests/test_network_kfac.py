@@ -157,7 +157,8 @@ def test_embedding_input_factor_is_the_weighted_one_hot_covariance():
 
 
 @pytest.mark.parametrize("labels", ["data", "model"])
-def test_ekfac_eigenvalues_equal_a_brute_force_fit(labels):
+def test_ekfac_eigenvalues_equal_a_brute_force_fit(labels, monkeypatch):
+    monkeypatch.setattr(nk, "_BUDGET", 100)  # dense per-sentence gradients in sub-batches of 1 to 4 sentences
     model = tiny_model(layers=2)
     # model labels: the decoder's oracle enumerates all V^T label sequences, so keep T = 2
     sentences = random_sentences(5, V, max_len=4 if labels == "data" else 1, seed=6)
@@ -233,7 +234,8 @@ def test_solve_equals_a_dense_solve_of_the_assembled_matrix():
 
 
 @pytest.mark.parametrize("labels", ["data", "model"])
-def test_diagonal_fisher_equals_brute_force(labels):
+def test_diagonal_fisher_equals_brute_force(labels, monkeypatch):
+    monkeypatch.setattr(nk, "_BUDGET", 100)  # dense per-sentence gradients in sub-batches of 1 to 4 sentences
     model = tiny_model(layers=2)
     sentences = random_sentences(7, V, max_len=5, seed=9)
     diag = nk.diagonal_fisher(model, sentences, EOS, labels=labels, mc_samples=2, chunk_size=3, seed=4)

@@ -289,8 +289,9 @@ def ekfac_network_curvature(factors: NetworkFactors, name: str | None = None) ->
     """
     if factors.eigenvalues is None:
         raise ValueError("EK-FAC eigenvalues are missing; fit with fit_network_kfac(..., ekfac=True)")
-    return KroneckerNetworkCurvature(factors, factors.eigenvalues,
-                                     name or ("ekfac" if factors.labels == "model" else "ekfac_ef"))
+    # means of squares, or the decoder's closed form whose null direction (1) rounds to +-1e-20: clip rounding at 0
+    eig = {n: e.clamp_min(0.0) for n, e in factors.eigenvalues.items()}
+    return KroneckerNetworkCurvature(factors, eig, name or ("ekfac" if factors.labels == "model" else "ekfac_ef"))
 
 
 # ----------------------------------------------------------------------------------------------------- fitting

@@ -51,7 +51,7 @@ def test_public_api_exports_exist():
 def test_every_label_round_trips_to_its_key():
     from ifutils.curvature.labels import LABELS, key_of, label
 
-    keys = list(LABELS) + ["ggn_diag", "ef_blockdiag", "mc_fisher_k4", "arnoldi_r64", "arnoldi_r8_complement"]
+    keys = list(LABELS) + ["ef_diag", "mc_fisher_k4_diag", "ggn_diag", "ef_blockdiag", "mc_fisher_k4", "arnoldi_r64", "arnoldi_r8_complement"]
     assert all(key_of(label(k)) == k for k in keys)
     assert label("mc_fisher_k4") == "true Fisher (MC, k=4)" and label("hessian_diag") == "Hessian (diag)"
     assert len(set(map(label, keys))) == len(keys)

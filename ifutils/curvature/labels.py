@@ -21,6 +21,8 @@ LABELS: dict[str, str] = {
     "ef_datainf": "EF (DataInf)",
     "kfac": "KFAC",
     "ekfac": "EK-FAC",
+    "kfac_ef": "KFAC (EF labels)",
+    "ekfac_ef": "EK-FAC (EF labels)",
     "hessian_cg": "Hessian (CG)",
     "hessian_lissa": "Hessian (LiSSA)",
     "arnoldi": "Hessian (Arnoldi)",

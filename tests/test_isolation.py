@@ -162,3 +162,30 @@ def test_a_tiny_run_keeps_the_committed_outputs(copied_repo, tmp_path, monkeypat
     assert len(list((tmp_path / "figures").glob("*_scatter.png"))) == 1
     assert committed_outputs(root).keys() >= before.keys()
     torch.load(elsewhere, weights_only=True)  # untouched, still a checkpoint
+
+
+def test_a_newly_trained_checkpoint_supersedes_the_sections_of_another(tmp_path):
+    """The training notebook's save moves a results file of another model aside (kept whole, never overwritten),
+    so a fresh clone's main job starts the default run's file anew instead of mixing models or being refused."""
+    import json
+
+    from ifutils.experiments.runs import supersede
+    from ifutils.io import file_sha256
+
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"new weights")
+    results = tmp_path / "ptb.json"
+    old = {"training": {"valid_ppl": 144.2}, "ground_truth": {"agreement": {}}}
+    results.write_text(json.dumps(old))
+    moved = supersede(results, checkpoint)
+    assert moved == tmp_path / "ptb.superseded-unrecorded.json" and json.loads(moved.read_text()) == old
+    assert not results.exists()
+    # same checkpoint: nothing moves
+    results.write_text(json.dumps({"training": {"provenance": {"checkpoint": {"sha256": file_sha256(checkpoint)}}}}))
+    assert supersede(results, checkpoint) is None and results.exists()
+    # another recorded checkpoint: named by its hash; a second supersede never overwrites the first
+    results.write_text(json.dumps({"training": {"provenance": {"checkpoint": {"sha256": "ab" * 32}}}}))
+    assert supersede(results, checkpoint).name == "ptb.superseded-abababab.json"
+    results.write_text(json.dumps(old))
+    assert supersede(results, checkpoint).name == "ptb.superseded-unrecorded-1.json"
+    assert json.loads((tmp_path / "ptb.superseded-unrecorded.json").read_text()) == old

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,8 +151,44 @@ def save_training(paths: dict, corpus, run: RunConfig, model_config: ModelConfig
         "checkpoint": stored_path(paths["checkpoint"]), "device": str(device), "environment": environment(),
     }
     config = {"model": model_config.to_dict(), "train": dataclasses.asdict(train_config)}
+    supersede(paths["results_file"], paths["checkpoint"])
     return update_results(paths["results_file"], "training", data, checkpoint=paths["checkpoint"], config=config,
                           run_name=paths["name"])
+
+
+def supersede(results_file, checkpoint) -> Path | None:
+    """Move a results file aside when its sections describe another model than ``checkpoint``.
+
+    The training notebook defines a run's model: when it has just trained a new checkpoint (e.g. on a fresh clone,
+    where the committed results came from a checkpoint that is not on disk, and training is not bit-reproducible
+    across machines), the file's sections from another checkpoint, or without a recorded one, no longer describe it.
+    They are kept, renamed to ``<stem>.superseded-<sha256[:8] of their checkpoint, or "unrecorded">[-<k>].json``
+    beside it (never over an existing file), and the run starts a fresh file; nothing is lost or mixed.
+
+    Returns:
+        the new path of the old file, or None when nothing was moved (no file, or every section from this
+        checkpoint).
+    """
+    path = Path(results_file)
+    if not path.is_file():
+        return None
+    from ..io import file_sha256
+
+    results = json.loads(path.read_text())
+    sha = file_sha256(checkpoint)
+    recorded = [s.get("provenance", {}).get("checkpoint", {}).get("sha256") if isinstance(s, dict) else None
+                for s in results.values()]
+    if results and all(r == sha for r in recorded):
+        return None
+    old = next((r for r in recorded if r and r != sha), None)
+    stem = f"{path.stem}.superseded-{old[:8] if old else 'unrecorded'}"
+    target, k = path.with_name(f"{stem}.json"), 1
+    while target.exists():
+        target, k = path.with_name(f"{stem}-{k}.json"), k + 1
+    os.replace(path, target)
+    print(f"{stored_path(path)} held sections of another checkpoint than {stored_path(checkpoint)}: moved to "
+          f"{stored_path(target)}; this run starts {stored_path(path)} anew")
+    return target
 
 
 def provenance_note(section: dict | None, checkpoint) -> str | None:

@@ -34,6 +34,10 @@ Files written into ``out_dir`` (see :func:`score_all`):
 A killed run, called again with the same arguments, skips the finished chunks and recomputes the others; every
 chunk is computed from the same sentences with the same code, so the finished file is bit-identical to that of an
 uninterrupted run. Memory is that of one chunk (plus the queries), whatever n: the array lives on disk.
+
+Under a :mod:`torch.distributed` process group (torchrun, :mod:`ifutils.distributed`) the ranks score one chunk
+each per round and rank 0 writes the gathered rows: the same files, the same resume (``distributed`` of
+:func:`score_all`).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ import torch
 from numpy.lib.format import open_memmap
 from torch.func import functional_call, jvp, vmap
 
+from . import distributed as dist_utils
 from .cache import code_version, fingerprint
 from .data import make_batch
 from .io import atomic_write
@@ -230,7 +235,7 @@ def load_scores(out_dir: str | os.PathLike, allow_partial: bool = False) -> tupl
 def score_all(model: LSTMLM, sentences: list[torch.Tensor], eos_id: int, queries, out_dir: str | os.PathLike,
               chunk_size: int = 64, names: list[str] | None = None, method: str = "grads", *,
               dtype: str = "float32", order: str = "length", query_block: int = 8, show_progress: bool = True,
-              on_chunk: Callable[[int, int], None] | None = None) -> np.ndarray:
+              on_chunk: Callable[[int, int], None] | None = None, distributed: bool | None = None) -> np.ndarray:
     """Influence I_ij = -g_i^T q_j of every sentence i on every query j, streamed chunk by chunk into ``out_dir``.
 
     See the module docstring for the formulas and the files. A call on a directory that holds an unfinished run
@@ -254,12 +259,24 @@ def score_all(model: LSTMLM, sentences: list[torch.Tensor], eos_id: int, queries
         query_block: queries per vmapped jvp with ``method="forward"``.
         show_progress: a progress bar over chunks (:func:`ifutils.progress.progress`).
         on_chunk: called as ``on_chunk(chunk, finished)`` after each chunk is recorded on disk (chunk index,
-            number of finished chunks); an exception raised there stops the run like a kill (tests use it).
+            number of finished chunks); an exception raised there stops the run like a kill (tests use it). Under
+            a process group it is called on every rank for every chunk of a round (on rank 0 once it has recorded
+            them, on the others once the rows are gathered); raise on every rank alike, or the others wait.
+        distributed: shard the chunks over the ranks of a :mod:`torch.distributed` process group
+            (:mod:`ifutils.distributed`, torchrun): round k gives the k-th ``world`` unfinished chunks one per
+            rank, their rows are gathered to rank 0 (:func:`ifutils.distributed.gather_rows`, exact copies), which
+            alone checks, creates and writes the files (rows, then ``progress.json``), so the files and the resume
+            are those of one process: a run killed under any number of ranks is resumed by any other, with the
+            same rows (each chunk's rows depend only on its sentences, the code and the device type). None
+            (default): shard when a group is initialised; False: this process alone (never from several ranks on
+            one ``out_dir``); True: require a group. Every rank must call with the same arguments; every rank
+            returns the array once rank 0 has finished it (``out_dir`` shared by the ranks, as on one node).
     Returns:
         The read-only (n, Q) ``numpy.memmap`` of ``scores.npy``, rows in sentence index order.
     Raises:
         ValueError: bad arguments (the message says what to pass), the model in training mode, or ``out_dir``
-            holding files of another configuration (the message names the differing fields) or foreign files.
+            holding files of another configuration (the message names the differing fields) or foreign files (on
+            every rank, from rank 0's check); ``distributed=True`` without a process group.
         TypeError: ``eos_id`` not an int; ``queries`` of no accepted type.
     """
     if model.training:
@@ -298,6 +315,83 @@ def score_all(model: LSTMLM, sentences: list[torch.Tensor], eos_id: int, queries
     out = Path(out_dir)
     paths = {k: out / f for k, f in (("scores", SCORES_FILE), ("config", CONFIG_FILE), ("order", ORDER_FILE),
                                       ("progress", PROGRESS_FILE))}
+    rank, world = _world(distributed)
+    if world == 1:
+        done = _open_run(paths, config, perm, (n, q), dtype, chunk_size)
+    else:  # rank 0 alone reads and writes the files; the others learn the finished chunks, or the refusal
+        state = None
+        if rank == 0:
+            try:
+                state = {"done": _open_run(paths, config, perm, (n, q), dtype, chunk_size)}
+            except ValueError as error:
+                state = {"error": str(error)}
+        state = dist_utils.broadcast_object(state)
+        if "error" in state:
+            raise ValueError(state["error"])
+        done = state["done"]
+    if done is None:  # finished
+        return np.load(paths["scores"], mmap_mode="r")
+    scores = open_memmap(paths["scores"], mode="r+") if rank == 0 else None
+    grads = NetworkGrads(model, eos_id, chosen) if method == "grads" else None
+    todo = [c for c in range(n_chunks) if c not in done]
+    finished = len(done)
+    bar = progress(total=n_chunks, initial=finished, desc=f"scoring ({method}, {q} queries)", unit="chunk",
+                   disable=not show_progress or rank != 0)
+    try:
+        for start in range(0, len(todo), world):  # one round: chunk todo[start + r] on rank r
+            round_chunks = todo[start : start + world]
+            mine = dist_utils.shard(round_chunks, rank, world)
+            rows = None
+            if mine:
+                idx = perm[mine[0] * chunk_size : (mine[0] + 1) * chunk_size]
+                g_dot_q = chunk_scores(model, [sentences[i] for i in idx], eos_id, qd, method, query_block, grads)
+                rows = -g_dot_q.detach()
+            if world > 1:
+                empty = torch.zeros(0, q, dtype=next(model.parameters()).dtype, device=next(model.parameters()).device)
+                gathered = dist_utils.gather_rows(empty if rows is None else rows)
+            else:
+                gathered = [rows]
+            if rank == 0:
+                for c, part in zip(round_chunks, gathered):
+                    scores[perm[c * chunk_size : (c + 1) * chunk_size]] = part.cpu().numpy().astype(dtype)
+                scores.flush()  # the rows reach the file before their chunks are recorded as finished
+                done.update(round_chunks)
+                _write_json(paths["progress"], {"done": sorted(done)})
+            bar.update(len(round_chunks))
+            for c in round_chunks:
+                finished += 1
+                if on_chunk is not None:
+                    on_chunk(c, finished)
+    finally:
+        bar.close()
+        del scores
+    dist_utils.barrier()  # the other ranks read the file once rank 0 has written every row
+    return np.load(paths["scores"], mmap_mode="r")
+
+
+def _world(distributed: bool | None) -> tuple[int, int]:
+    """(rank, world) of the scoring: the process group's (``distributed`` None with a group, or True), else (0, 1).
+
+    Raises:
+        ValueError: ``distributed=True`` without an initialised process group.
+    """
+    if distributed is None:
+        distributed = dist_utils.active()
+    if distributed and not dist_utils.active():
+        raise ValueError("distributed=True needs a process group: launch with torchrun and call "
+                         "ifutils.distributed.init() first, or pass distributed=None/False")
+    return (dist_utils.rank(), dist_utils.world_size()) if distributed else (0, 1)
+
+
+def _open_run(paths: dict[str, Path], config: dict, perm: np.ndarray, shape: tuple[int, int], dtype: str,
+              chunk_size: int) -> set[int] | None:
+    """Check ``out_dir`` against ``config`` and create the files of a new run; None when the run there is finished,
+    else the set of finished chunks (empty for a new run).
+
+    Raises:
+        ValueError: files of another configuration, foreign files, or an order or array that does not fit.
+    """
+    out = paths["config"].parent
     done: set[int] = set()
     if paths["config"].is_file():
         old = _read_json(paths["config"])
@@ -312,7 +406,7 @@ def score_all(model: LSTMLM, sentences: list[torch.Tensor], eos_id: int, queries
             raise ValueError(f"{out} holds scores of another configuration (differing: {', '.join(differ)}); "
                              f"pass another out_dir for this one, or remove {out} to recompute")
         if finished:
-            return np.load(paths["scores"], mmap_mode="r")
+            return None
     elif any(p.exists() for p in paths.values()):
         raise ValueError(f"{out} holds score files without {CONFIG_FILE} (not written by score_all); pass an empty "
                          f"or new out_dir")
@@ -321,32 +415,15 @@ def score_all(model: LSTMLM, sentences: list[torch.Tensor], eos_id: int, queries
     if not paths["scores"].is_file():
         done = set()
         atomic_write(paths["order"], lambda tmp: tmp.write_bytes(_npy_bytes(perm)))
-        atomic_write(paths["scores"], lambda tmp: _nan_array(tmp, (n, q), dtype, chunk_size))
+        atomic_write(paths["scores"], lambda tmp: _nan_array(tmp, shape, dtype, chunk_size))
         _write_json(paths["progress"], {"done": []})
     elif not np.array_equal(np.load(paths["order"]), perm):
         raise ValueError(f"{paths['order']} differs from this run's chunk order; remove {out} to recompute")
-    scores = open_memmap(paths["scores"], mode="r+")
-    if scores.shape != (n, q) or scores.dtype != np.dtype(dtype):
-        raise ValueError(f"{paths['scores']} is {scores.shape} {scores.dtype}, not ({n}, {q}) {dtype}; remove {out}")
-    grads = NetworkGrads(model, eos_id, chosen) if method == "grads" else None
-    todo = [c for c in range(n_chunks) if c not in done]
-    bar = progress(total=n_chunks, initial=len(done), desc=f"scoring ({method}, {q} queries)", unit="chunk",
-                   disable=not show_progress)
-    try:
-        for c in todo:
-            idx = perm[c * chunk_size : (c + 1) * chunk_size]
-            g_dot_q = chunk_scores(model, [sentences[i] for i in idx], eos_id, qd, method, query_block, grads)
-            scores[idx] = (-g_dot_q).detach().cpu().numpy().astype(dtype)
-            scores.flush()  # the rows reach the file before the chunk is recorded as finished
-            done.add(c)
-            _write_json(paths["progress"], {"done": sorted(done)})
-            bar.update(1)
-            if on_chunk is not None:
-                on_chunk(c, len(done))
-    finally:
-        bar.close()
-        del scores
-    return np.load(paths["scores"], mmap_mode="r")
+    scores = open_memmap(paths["scores"], mode="r")
+    if scores.shape != shape or scores.dtype != np.dtype(dtype):
+        raise ValueError(f"{paths['scores']} is {scores.shape} {scores.dtype}, not {shape} {dtype}; remove {out}")
+    del scores
+    return done
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

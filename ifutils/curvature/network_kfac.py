@@ -47,6 +47,11 @@ default alpha = 0.1 per module).
 
 Label draw d of chunk j is seeded by ``derive_seed(seed, d, j)`` (:func:`sampled_targets`), the same in both passes and
 whether or not earlier chunks came from the cache.
+
+**Several processes** (``distributed``, :mod:`ifutils.distributed`): every factor, EK-FAC eigenvalue and diagonal is
+a sum over chunks on the scale of the whole fit (weights 1/(n T_i) with the global n), so rank r sums the chunks
+``shard(chunks, r, world)`` with the same seeds j, and the all-reduced sums are the single process's up to the order
+of the additions. The EK-FAC pass uses the bases of the all-reduced factors, the same bits on every rank.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import distributed as dist_utils
 from .._checks import check_damping
 from ..cache import ChunkCache, derive_seed
 from ..data import bucket_batches, make_batch
@@ -450,33 +456,68 @@ def _diag_chunk(net, s, draws, lengths, n: int, add) -> None:
             add(name, torch.einsum("b...,b->...", g**2, weight[sl]) / draws)
 
 
-def _stream(net, fit, stage: str, cache, chunk_size: int, save_every: float, step) -> dict[str, torch.Tensor]:
+def _world(distributed: bool | None) -> tuple[int, int]:
+    """(rank, world) the fit shards over: the process group's with ``distributed`` None (when one is initialised)
+    or True, (0, 1) with False.
+
+    Raises:
+        ValueError: ``distributed=True`` without an initialised process group.
+    """
+    if distributed is None:
+        distributed = dist_utils.active()
+    if distributed and not dist_utils.active():
+        raise ValueError("distributed=True needs a process group: launch with torchrun and call "
+                         "ifutils.distributed.init() first, or pass distributed=None/False")
+    return (dist_utils.rank(), dist_utils.world_size()) if distributed else (0, 1)
+
+
+def _all_have(found: bool, world: int) -> bool:
+    """True when every rank found the stage in its cache (a rank that sees no file makes all recompute)."""
+    if world == 1:
+        return found
+    return bool(dist_utils.all_reduce_sum([torch.tensor([float(found)])])[0].item() == world)
+
+
+def _stream(net, fit, stage: str, cache, chunk_size: int, save_every: float, step,
+            world: tuple[int, int] = (0, 1)) -> dict[str, torch.Tensor]:
     """Run ``step(j, idx, add)`` over the length-bucketed chunks of ``fit``; partial sums are stored under
-    ``<stage>.partial`` at most every ``save_every`` seconds so that a killed run resumes at the next chunk."""
-    if cache is not None and (done := cache.get(stage)) is not None:
+    ``<stage>.partial`` at most every ``save_every`` seconds so that a killed run resumes at the next chunk.
+
+    With ``world = (rank, size)``, size > 1, this rank runs the chunks ``shard(chunks, rank, size)`` (strided),
+    keeps its partial sums under ``<stage>.partial.rank<r>of<size>`` (resumed by a run with the same number of
+    ranks), and the ranks' sums are added (:func:`ifutils.distributed.all_reduce_sum`); rank 0 alone stores the
+    final sums under ``<stage>``, which any later run reads whatever its number of ranks."""
+    rank, size = world
+    done = cache.get(stage) if cache is not None else None
+    if cache is not None and _all_have(done is not None, size):
         return done
     batches = bucket_batches([len(t) for t in fit], chunk_size)
+    mine = dist_utils.shard(range(len(batches)), rank, size)
+    partial_key = f"{stage}.partial" if size == 1 else f"{stage}.partial.rank{rank}of{size}"
+    device = net.model.decoder.weight.device
     sums: dict[str, torch.Tensor] = {}
-    start = 0
-    if cache is not None and (partial := cache.get(f"{stage}.partial")) is not None:
+    start = 0  # position in ``mine`` (= the chunk index in a single process)
+    if cache is not None and (partial := cache.get(partial_key)) is not None:
         start = int(partial.pop("next_chunk"))
-        device = net.model.decoder.weight.device
         sums = {k: v.to(device) for k, v in partial.items()}
 
     def add(key, value):
         sums[key] = sums[key] + value if key in sums else value
 
     last_save = time.monotonic()
-    with progress(total=len(batches), initial=start, desc=f"network {stage}", unit="chunk") as bar:
-        for j in range(start, len(batches)):
+    desc = f"network {stage}" + (f" (rank {rank} of {size})" if size > 1 else "")
+    with progress(total=len(mine), initial=start, desc=desc, unit="chunk", disable=rank != 0) as bar:
+        for pos in range(start, len(mine)):
             with torch.no_grad():
-                step(j, batches[j], add)
+                step(mine[pos], batches[mine[pos]], add)
             bar.update(1)
-            if cache is not None and j + 1 < len(batches) and time.monotonic() - last_save >= save_every:
-                cache.put(f"{stage}.partial", {**{k: v.cpu() for k, v in sums.items()}, "next_chunk": j + 1})
+            if cache is not None and pos + 1 < len(mine) and time.monotonic() - last_save >= save_every:
+                cache.put(partial_key, {**{k: v.cpu() for k, v in sums.items()}, "next_chunk": pos + 1})
                 last_save = time.monotonic()
+    if size > 1:
+        sums = dist_utils.all_reduce_sum(sums)
     sums = {k: v.cpu() for k, v in sums.items()}
-    if cache is not None:
+    if cache is not None and rank == 0:
         cache.put(stage, sums)
     return sums
 
@@ -501,6 +542,7 @@ def fit_network_kfac(
     device: torch.device | str | None = None,
     ekfac: bool = True,
     save_every: float = 60.0,
+    distributed: bool | None = None,
 ) -> NetworkFactors:
     """Fit the whole-network KFAC factors (one pass) and, with ``ekfac``, the EK-FAC eigenvalues (a second pass).
 
@@ -520,17 +562,27 @@ def fit_network_kfac(
         device: where to compute (default the model's); results are on CPU.
         ekfac: also fit the EK-FAC eigenvalues.
         save_every: seconds between partial saves (0: after every chunk).
+        distributed: shard the chunks over the ranks of a :mod:`torch.distributed` process group
+            (:mod:`ifutils.distributed`, launched by torchrun): each rank sums its strided slice of the chunks, the
+            sums are all-reduced, so every rank returns the same factors, equal to a single process's up to the
+            summation order's rounding. None (default): shard when a group is initialised; False: every rank
+            computes all chunks alone (call it then on any subset of ranks); True: require a group. Every rank of
+            the group must call with the same arguments. With ``cache_dir`` each rank keeps its own partial sums
+            (``<pass>.partial.rank<r>of<world>``, resumed by a run with as many ranks) and rank 0 stores the
+            final sums, which a rerun with any number of ranks (or one process) reads; the directory must be
+            shared by the ranks (one node) for them to find it, else they recompute.
     Returns:
         :class:`NetworkFactors` (float64, CPU).
     Raises:
         TypeError: ``model`` is no LSTMLM, ``eos_id`` no int. ValueError: bad ``labels``, ``mc_samples``, ``n_fit``,
-        ``chunk_size``, empty ``sentences`` or a model in training mode.
+        ``chunk_size``, empty ``sentences``, a model in training mode, or ``distributed=True`` without a group.
     """
     _check_args(model, sentences, labels, mc_samples, n_fit, chunk_size)
     model = _prepare(model, device)
     net = NetworkGrads(model, eos_id)
     fit = _fit_sentences(sentences, n_fit, seed)
     n, draws = len(fit), mc_samples if labels == "model" else 1
+    world = _world(distributed)
     cache = _cache(cache_dir, {"stage": "network KFAC", "labels": labels, "mc_samples": draws, "seed": seed,
                                "chunk_size": chunk_size}, model, fit)
 
@@ -539,7 +591,7 @@ def fit_network_kfac(
         for d, s in _draws(net, inputs, targets, mask, labels, draws, seed, j):
             _factor_chunk(net, s, d, labels, draws, w, lengths, add)
 
-    sums = _stream(net, fit, "factors", cache, chunk_size, save_every, factor_step)
+    sums = _stream(net, fit, "factors", cache, chunk_size, save_every, factor_step, world)
     factors = NetworkFactors(net.names, net.shapes, sums, labels, draws, n, sum(len(t) for t in fit))
     if ekfac:
         device_bases = {k: tuple(None if t is None else t.to(model.decoder.weight.device) for t in v)
@@ -550,7 +602,8 @@ def fit_network_kfac(
             for d, s in _draws(net, inputs, targets, mask, labels, draws, seed, j):
                 _ekfac_chunk(net, s, d, labels, draws, w, lengths, device_bases, n, add)
 
-        factors.eigenvalues = _stream(net, fit, "eigenvalues", cache, chunk_size, save_every, ekfac_step)
+        factors.eigenvalues = _stream(net, fit, "eigenvalues", cache, chunk_size, save_every, ekfac_step,
+                                      world)
     return factors
 
 
@@ -566,13 +619,14 @@ def diagonal_fisher(
     cache_dir: str | os.PathLike | None = None,
     device: torch.device | str | None = None,
     save_every: float = 60.0,
+    distributed: bool | None = None,
 ) -> DiagonalCurvature:
     """Diagonal Fisher of all parameters, diag of (1/n) sum_i T_i g_i g_i^T (the scale of
     :func:`ifutils.curvature.fisher.empirical_fisher`): true Fisher with labels drawn from the model (mean over
     ``mc_samples`` draws, ``labels="model"``) or empirical Fisher (``labels="data"``). Per-sample gradients are
     streamed chunk by chunk (:class:`~ifutils.network.NetworkGrads`), squared and summed, never stored.
 
-    Args: as :func:`fit_network_kfac`.
+    Args: as :func:`fit_network_kfac` (``distributed`` included: the per-rank sums of squares are all-reduced).
     Returns:
         :class:`~ifutils.curvature.base.DiagonalCurvature` (P,) float64 on CPU in the flat layout, named
         ``"mc_fisher_k<k>_diag"`` or ``"ef_diag"``.
@@ -584,6 +638,7 @@ def diagonal_fisher(
     net = NetworkGrads(model, eos_id)
     fit = _fit_sentences(sentences, n_fit, seed)
     n, draws = len(fit), mc_samples if labels == "model" else 1
+    world = _world(distributed)
     cache = _cache(cache_dir, {"stage": "network diagonal Fisher", "labels": labels, "mc_samples": draws,
                                "seed": seed, "chunk_size": chunk_size}, model, fit)
 
@@ -592,7 +647,7 @@ def diagonal_fisher(
         for _, s in _draws(net, inputs, targets, mask, labels, draws, seed, j):
             _diag_chunk(net, s, draws, lengths, n, add)
 
-    sums = _stream(net, fit, "diagonal", cache, chunk_size, save_every, step)
+    sums = _stream(net, fit, "diagonal", cache, chunk_size, save_every, step, world)
     d = torch.cat([sums[name].flatten() for name in net.names])
     return DiagonalCurvature(d, f"mc_fisher_k{draws}_diag" if labels == "model" else "ef_diag", psd=True)
 

@@ -22,8 +22,21 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Context", "SHARD_MODES", "active", "all_reduce_sum", "barrier", "broadcast_object", "finalize",
-           "gather_rows", "init", "is_main", "rank", "shard", "world_size"]
+__all__ = [
+    "SHARD_MODES",
+    "Context",
+    "active",
+    "all_reduce_sum",
+    "barrier",
+    "broadcast_object",
+    "finalize",
+    "gather_rows",
+    "init",
+    "is_main",
+    "rank",
+    "shard",
+    "world_size",
+]
 
 SHARD_MODES = ("strided", "contiguous")
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -90,7 +103,7 @@ def init(device: str | torch.device | None = None, backend: str | None = None) -
                          f"unset them for a single process")
     if not dist.is_available():
         raise RuntimeError("this torch has no torch.distributed; run a single process (no torchrun)")
-    local = int(os.environ.get("LOCAL_RANK", 0))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
     backend = backend or ("nccl" if kind == "cuda" else "gloo")
     if backend == "nccl" and kind != "cuda":
         raise ValueError("the NCCL backend needs CUDA tensors; pass device='cuda' or backend='gloo'")

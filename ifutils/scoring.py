@@ -365,7 +365,8 @@ def score_all(model: LSTMLM, sentences: list[torch.Tensor], eos_id: int, queries
     finally:
         bar.close()
         del scores
-    dist_utils.barrier()  # the other ranks read the file once rank 0 has written every row
+    if world > 1:
+        dist_utils.barrier()  # the other ranks read the file once rank 0 has written every row
     return np.load(paths["scores"], mmap_mode="r")
 
 

@@ -2,7 +2,7 @@
 the comparison: for long runs, and to resume one. Writes the ``ground_truth`` section of results/<tag>.json and
 figures/<tag>_retraining_*.png, with <tag> as in the notebook (ptb, ptb_decoder, ...).
 
-Usage: IFUTILS_DATA_DIR=../shared/data .venv/bin/python experiments/ground_truth.py --subset recurrent --damping 3e-4
+Usage: IFUTILS_DATA_DIR=../shared/data .venv/bin/python experiments/ground_truth.py --subset recurrent --damping 1e-3
 
 Every GroundTruthConfig and InfluenceConfig field is an option (defaults and help from the dataclasses).
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -23,13 +24,31 @@ from ifutils.experiments.ground_truth import (
     ground_truth_study,
     save_ground_truth,
 )
-from ifutils.io import check_corpus, load_checkpoint, project_path
+from ifutils.experiments.runs import derive_name
+from ifutils.io import (
+    check_corpus,
+    check_results_checkpoint,
+    load_checkpoint,
+    project_path,
+)
 from ifutils.subset import default_subset
-
 
 # The comparison settings the committed results/ptb*.json ground-truth sections ran with (InfluenceConfig's
 # defaults before the 30-minute main job lowered them), pinned so this command reproduces them.
 PINNED = {"n_hessian": 500, "mc_error_ks": (1, 2, 4, 8, 16, 32, 64)}
+
+
+def run_tag(base: str, config: InfluenceConfig, gt: GroundTruthConfig, checkpoint: str | None, dataset: str) -> str:
+    """``base`` (``ptb``, ``ptb_decoder``, ...) when every setting is this command's default and the checkpoint is
+    the default one, else ``base_<8 hex>`` hashing the settings that differ (as the notebooks name side runs), so
+    a trial run never writes into the committed results or figures."""
+    settings = {**{k: v for k, v in config.to_dict().items() if k not in ("subset", "chunk_size")},
+                **{f"gt_{k}": v for k, v in gt.to_dict().items()}, "checkpoint": checkpoint}
+    defaults = {**InfluenceConfig(**PINNED).to_dict(), **{f"gt_{k}": v for k, v in GroundTruthConfig().to_dict().items()},
+                "checkpoint": None}
+    if checkpoint is not None and Path(checkpoint).resolve() == project_path(f"checkpoints/{dataset}_lstm.pt").resolve():
+        settings["checkpoint"] = None
+    return derive_name(base, settings, defaults)
 
 
 def main() -> None:
@@ -40,7 +59,7 @@ def main() -> None:
     add_arguments(parser, InfluenceConfig, exclude={"seed"}, **PINNED)
     parser.add_argument("--warm-start", default=None, help="a .pt file holding a previous theta*_S, (p,) float64")
     parser.add_argument("--cache", default="cache")
-    parser.add_argument("--tag", default=None, help="results/<tag>.json; default <dataset>[_<subset>]")
+    parser.add_argument("--tag", default=None, help="results/<tag>.json; default <dataset>[_<subset>] for this command's defaults, with a hash of the differing settings otherwise")
     args = parser.parse_args()
     config = from_args(InfluenceConfig, args, seed=args.seed)
     gt = from_args(GroundTruthConfig, args)
@@ -51,7 +70,9 @@ def main() -> None:
     samples = choose_samples(corpus, config)
     subset = default_subset(model, config.subset, config.num_coords, config.seed)
     subset_tag = "" if config.subset == "recurrent" else "_" + config.subset.replace("+", "_")
-    tag = args.tag or f"{args.dataset}{subset_tag}"
+    tag = args.tag or run_tag(f"{args.dataset}{subset_tag}", config, gt, args.checkpoint, args.dataset)
+    print(f"run {tag!r}: results/{tag}.json, figures/{tag}_retraining_*.png")
+    check_results_checkpoint(project_path(f"results/{tag}.json"), "ground_truth", checkpoint, tag)
     warm = torch.load(args.warm_start, weights_only=True) if args.warm_start else None
     start = time.perf_counter()
     results, plot_data = ground_truth_study(model, subset, vocab.stoi["<eos>"], samples, config, gt,

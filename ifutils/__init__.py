@@ -24,7 +24,7 @@ from .curvature import (
 )
 from .curvature.inverse import ArnoldiCurvature, DataInfCurvature, OperatorCurvature, hvp_operator
 from .curvature.kfac import ekfac_curvature, fit_kfac, kfac_curvature
-from .data import Corpus, Vocabulary, load_corpus
+from .data import Corpus, Vocabulary, load_corpus, tokenize
 from .grads import per_sample_grads, per_token_grads
 from .influence import gradient_similarity, influence, outlier_scores, self_influence
 from .io import load_checkpoint, resolve_device, save_checkpoint
@@ -40,5 +40,5 @@ __all__ = [
     "fit_kfac", "gradient_similarity", "hessian_and_ggn", "hvp_operator", "influence", "kfac_curvature",
     "load_checkpoint", "load_corpus", "mc_true_fisher", "outlier_scores", "per_sample_grads", "per_token_grads",
     "perplexity", "resolve_device", "save_checkpoint", "select_subset", "self_influence", "token_empirical_fisher",
-    "train_language_model",
+    "tokenize", "train_language_model",
 ]

@@ -18,10 +18,12 @@ def validate_fields(config) -> None:
     for field in dataclasses.fields(config):
         value, expected = getattr(config, field.name), hints[field.name]
         if not _matches(value, expected):
-            raise TypeError(
-                f"{type(config).__name__}.{field.name} must be {_name(expected)}, got {value!r} "
-                f"({type(value).__name__}); pass e.g. -p {field.name} <{_name(expected)}> to papermill"
-            )
+            if typing.get_origin(expected) is tuple:  # papermill's -p passes a string; a list needs its YAML option
+                how = f"pass a list with papermill's YAML option, e.g. -y '{field.name}: [1, 2, 4]' (-p gives a string)"
+            else:
+                how = f"pass e.g. -p {field.name} <{_name(expected)}> to papermill"
+            raise TypeError(f"{type(config).__name__}.{field.name} must be {_name(expected)}, got {value!r} "
+                            f"({type(value).__name__}); {how}")
 
 
 def require_positive(config, *names: str) -> None:

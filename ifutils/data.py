@@ -445,7 +445,8 @@ def load_text_files(
         cache_dir: the ``datasets`` cache (Arrow copies of the files); None: its default,
             ``$HF_DATASETS_CACHE`` or ``~/.cache/huggingface/datasets``.
     Returns:
-        A :class:`Corpus` named ``"<folder name> (text files)"`` with tag ``"files_<folder name>"``.
+        A :class:`Corpus` named ``"<folder name> (text files)"`` with tag ``"files_<folder name>_<8 hex digits>"``,
+        the digits from the files' md5 sums (two corpora in folders of the same name get distinct run names).
     Raises:
         FileNotFoundError: the folder or one of the three files is missing (the message names them).
         ValueError: a split has no non-empty line.
@@ -463,7 +464,11 @@ def load_text_files(
     files = {split: str(path) for split, path in paths.items()}
     ds = _load_text_dataset(("text",), {"data_files": files, "cache_dir": cache_dir and str(cache_dir)}, offline=True)
     texts = {split: ds[split]["text"] for split in SPLITS}
-    return _line_corpus(texts, f"{folder.name} (text files)", f"files_{folder.name}", vocab, vocab_size, ptb_tokenize)
+    # the tag names outputs (run names, checkpoints): the folder's name alone would let two corpora in folders of the
+    # same name share a run and resume each other's model, so it carries a digest of the three files' contents
+    digest = hashlib.sha256("".join(md5sum(paths[s]) for s in SPLITS).encode()).hexdigest()[:8]
+    return _line_corpus(texts, f"{folder.name} (text files)", f"files_{folder.name}_{digest}", vocab, vocab_size,
+                        ptb_tokenize)
 
 
 def load_hf_text(

@@ -180,21 +180,35 @@ def update_results(path: str | os.PathLike, section: str, data: dict, *, checkpo
     path = Path(path)
     results = json.loads(path.read_text()) if path.is_file() else {}
     if checkpoint is not None:
-        record = checkpoint_record(checkpoint)
-        for name, other in results.items():
-            theirs = other.get("provenance", {}).get("checkpoint") if isinstance(other, dict) else None
-            if name != section and theirs and theirs.get("sha256") != record["sha256"]:
-                suggestion = f"{run_name or path.stem}_{record['sha256'][:8]}"
-                raise ValueError(
-                    f"{path} section {name!r} was produced from checkpoint {theirs['path']} (sha256 "
-                    f"{theirs['sha256'][:12]}), but this {section!r} section comes from {record['path']} (sha256 "
-                    f"{record['sha256'][:12]}); one results file holds one model's sections. Pass "
-                    f"run_name={suggestion!r} (papermill -p run_name {suggestion}) or a results_file of its own, or "
-                    f"move {path} away to start it anew"
-                )
+        record = check_results_checkpoint(path, section, checkpoint, run_name)
         data = {**data, "provenance": {"checkpoint": record, "config": config, "run_name": run_name}}
     results[section] = data
     return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(results, indent=1, default=float)))
+
+
+def check_results_checkpoint(path: str | os.PathLike, section: str, checkpoint: str | os.PathLike,
+                             run_name: str | None = None) -> dict:
+    """Refuse, before anything is computed or drawn, a run whose ``section`` would join a results file holding
+    sections of another checkpoint (see :func:`update_results`); return the checkpoint's record.
+
+    Raises:
+        ValueError: as :func:`update_results`.
+    """
+    path = Path(path)
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    record = checkpoint_record(checkpoint)
+    for name, other in results.items():
+        theirs = other.get("provenance", {}).get("checkpoint") if isinstance(other, dict) else None
+        if name != section and theirs and theirs.get("sha256") != record["sha256"]:
+            suggestion = f"{run_name or path.stem}_{record['sha256'][:8]}"
+            raise ValueError(
+                f"{path} section {name!r} was produced from checkpoint {theirs['path']} (sha256 "
+                f"{theirs['sha256'][:12]}), but this {section!r} section comes from {record['path']} (sha256 "
+                f"{record['sha256'][:12]}); one results file holds one model's sections. Pass "
+                f"run_name={suggestion!r} (papermill -p run_name {suggestion}) or a results_file of its own, or "
+                f"move {path} away to start it anew"
+            )
+    return record
 
 
 def _looks_like_torch_file(path: Path) -> bool:

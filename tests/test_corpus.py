@@ -3,6 +3,7 @@ datasets (``hf:<name>[:<config>]``), checked offline against a brute-force count
 on a local corpus with the single parameter change ``dataset="files:<dir>"``."""
 
 import json
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -47,7 +48,8 @@ def test_text_files_match_a_brute_force_count(tmp_path, vocab_size):
     corpus = load_corpus(f"files:{tmp_path / 'mini'}", vocab_size=vocab_size, cache_dir=tmp_path / "hf")
     expected_itos = brute_force_vocab(lines["train"], vocab_size)
     assert corpus.vocab.itos == expected_itos
-    assert (corpus.name, corpus.tag, corpus.window) == ("mini (text files)", "files_mini", None)
+    assert (corpus.name, corpus.window) == ("mini (text files)", None)
+    assert re.fullmatch(r"files_mini_[0-9a-f]{8}", corpus.tag)
     stoi = {w: i for i, w in enumerate(expected_itos)}
     for split, ls in lines.items():
         assert len(corpus.splits[split]) == len(ls) == SIZES[split]  # the blank lines are skipped
@@ -59,7 +61,7 @@ def test_text_files_match_a_brute_force_count(tmp_path, vocab_size):
 def test_text_files_relative_to_the_data_dir_and_missing_files(tmp_path):
     write_corpus(tmp_path / "data" / "mini")
     corpus = load_corpus("files:mini", root=tmp_path / "data", cache_dir=tmp_path / "hf")
-    assert corpus.tag == "files_mini" and len(corpus.splits["valid"]) == SIZES["valid"]
+    assert corpus.tag.startswith("files_mini_") and len(corpus.splits["valid"]) == SIZES["valid"]
     (tmp_path / "data" / "mini" / "test.txt").unlink()
     with pytest.raises(FileNotFoundError, match="test.txt") as err:
         load_corpus("files:mini", root=tmp_path / "data", cache_dir=tmp_path / "hf")
@@ -137,3 +139,17 @@ def test_notebooks_run_on_a_text_file_corpus(tmp_path, monkeypatch):
     figures = sorted(p.name.rsplit("_", 1)[-1] for p in (out / "figures").rglob("*.png"))
     assert {"training.png", "spectra.png", "scatter.png", "error.png", "damping.png"} <= set(figures)
     assert "mini (text files)" in json.dumps(json.loads((out / "fisher.ipynb").read_text())["cells"])
+
+
+def test_corpora_in_folders_of_the_same_name_get_distinct_tags(tmp_path):
+    """Two corpora in folders called alike must not share a run name (and so resume each other's checkpoint)."""
+    from ifutils.data import load_corpus
+
+    tags = []
+    for where, word in (("a", "cat"), ("b", "dog")):
+        folder = tmp_path / where / "corpus"
+        folder.mkdir(parents=True)
+        for split in ("train", "valid", "test"):
+            (folder / f"{split}.txt").write_text(f"the {word} sat\nthe mat\n")
+        tags.append(load_corpus(f"files:{folder}").tag)
+    assert tags[0] != tags[1] and all(t.startswith("files_corpus_") for t in tags)

@@ -20,7 +20,7 @@ DOCS = ["docs/results.md", "docs/method.md", "docs/failure-modes.md", "docs/find
 
 def test_results_md_is_current():
     committed = (ROOT / "docs" / "results.md").read_text(encoding="utf-8")
-    assert committed == results_markdown(ROOT / "results"), (
+    assert committed == results_markdown(ROOT / "results", tracked_only=True), (
         f"docs/results.md is out of date with results/*.json: run `{REGENERATE}` and commit docs/results.md")
 
 
@@ -101,3 +101,16 @@ def test_display_accepts_keys_and_labels():
 def test_generator_refuses_a_missing_folder(tmp_path):
     with pytest.raises(NotADirectoryError, match="results"):
         results_markdown(tmp_path / "nope")
+
+
+def test_untracked_side_runs_do_not_leak_into_the_report(tmp_path):
+    """Only files git tracks are rendered with tracked_only: a side run's results/<run>.json stays out."""
+    import subprocess
+
+    (tmp_path / "kept.json").write_text(json.dumps({"robustness": {}}))
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "add", "kept.json"], cwd=tmp_path, check=True)
+    (tmp_path / "side_1234abcd.json").write_text(json.dumps({"training": {"valid_ppl": 8700.6}}))
+    assert "side_1234abcd" in results_markdown(tmp_path)
+    text = results_markdown(tmp_path, tracked_only=True)
+    assert "side_1234abcd" not in text and "8700" not in text

@@ -289,3 +289,10 @@ def test_derived_forms_keep_the_psd_flag(model):
     blocks = [torch.arange(0, 3), torch.arange(3, hess.p)]
     assert ggn.diagonal().psd and ggn.block_diagonal(blocks).psd and IdentityCurvature(3).psd
     assert not hess.diagonal().psd and not hess.block_diagonal(blocks).psd
+
+
+def test_a_string_where_a_list_of_numbers_is_expected_points_to_papermills_yaml_option():
+    from ifutils.experiments.comparison import InfluenceConfig
+
+    with pytest.raises(TypeError, match=r"mc_error_ks.*-y 'mc_error_ks: \[1, 2, 4\]'"):
+        InfluenceConfig(mc_error_ks=tuple("[1, 2]"))

@@ -189,3 +189,21 @@ def test_a_newly_trained_checkpoint_supersedes_the_sections_of_another(tmp_path)
     results.write_text(json.dumps(old))
     assert supersede(results, checkpoint).name == "ptb.superseded-unrecorded-1.json"
     assert json.loads((tmp_path / "ptb.superseded-unrecorded.json").read_text()) == old
+
+
+def test_a_comparison_of_another_checkpoint_is_refused_before_any_figure(tmp_path):
+    """comparison_run (the notebook's first cell) checks the results file against the checkpoint, so a refused run
+    never reaches the cells that draw figures."""
+    from ifutils.io import update_results
+
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    a.write_bytes(b"model a")
+    b.write_bytes(b"model b")
+    results = tmp_path / "run.json"
+    update_results(results, "training", {"x": 1}, checkpoint=a, run_name="run")
+    run = RunConfig(run_name="run", checkpoint=str(b), results_file=str(results), figures_dir=str(tmp_path / "figs"))
+    with pytest.raises(ValueError, match="one results file holds one model"):
+        comparison_run(run, "ptb", InfluenceConfig())
+    assert not (tmp_path / "figs").exists()
+    ok = RunConfig(run_name="run", checkpoint=str(a), results_file=str(results))
+    assert comparison_run(ok, "ptb", InfluenceConfig())["name"] == "run"

@@ -364,10 +364,13 @@ SPECIAL = {"robustness.json": robustness_markdown, "retrain_check.json": retrain
            "spectrum.json": spectrum_markdown}
 
 
-def results_markdown(results_dir: str | os.PathLike) -> str:
+def results_markdown(results_dir: str | os.PathLike, tracked_only: bool = False) -> str:
     """docs/results.md's text: every ``*.json`` under ``results_dir`` rendered as markdown tables.
 
     Args:
+        tracked_only: render only the files git tracks (the committed results), so that side runs' untracked
+            outputs (``results/<run name>.json``) never leak into docs/results.md; a new study's file is rendered
+            once it is ``git add``-ed. Outside a git checkout every file is rendered.
         results_dir: a directory of results files as the studies write them (``<tag>.json`` with ``training``,
             ``influence`` and/or ``ground_truth`` sections; ``robustness.json``, ``retrain_check.json``,
             ``spectrum.json``). A file of another shape is listed with its top-level keys.
@@ -381,7 +384,10 @@ def results_markdown(results_dir: str | os.PathLike) -> str:
     if not root.is_dir():
         raise NotADirectoryError(f"results_dir {str(root)!r} is not a directory; pass the folder holding results/*.json")
     files = {}
+    tracked = _tracked(root) if tracked_only else None
     for path in sorted(root.glob("*.json")):
+        if tracked is not None and path.name not in tracked:
+            continue
         try:
             files[path.name] = json.loads(path.read_text())
         except json.JSONDecodeError as err:
@@ -414,5 +420,16 @@ def results_markdown(results_dir: str | os.PathLike) -> str:
 def write_results_md(results_dir: str | os.PathLike, path: str | os.PathLike) -> Path:
     """Write :func:`results_markdown` of ``results_dir`` to ``path`` atomically (:func:`ifutils.io.atomic_write`);
     returns the path."""
-    text = results_markdown(results_dir)
+    text = results_markdown(results_dir, tracked_only=True)
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _tracked(root: Path) -> set[str] | None:
+    """Names of the files under ``root`` that git tracks, or None outside a git checkout (or without git)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "ls-files", "--", "."], cwd=root, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {Path(line).name for line in out.stdout.splitlines() if "/" not in line}

@@ -125,7 +125,12 @@ def comparison_run(run: RunConfig, tag: str, config, gt=None) -> dict:
         if run.dataset == "text8":
             settings["window"], defaults["window"] = run.window, RunConfig().window
         name = derive_name(base, settings, defaults)
-    return _paths(run, name, checkpoint)
+    paths = _paths(run, name, checkpoint)
+    if paths["checkpoint"].is_file():  # refuse a results file of another model now, before any figure is drawn
+        from ..io import check_results_checkpoint
+
+        check_results_checkpoint(paths["results_file"], "influence", paths["checkpoint"], name)
+    return paths
 
 
 def _paths(run: RunConfig, name: str, checkpoint: str) -> dict:

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import argparse
 
+from ifutils.cache import fingerprint
 from ifutils.config import add_arguments, from_args
 from ifutils.data import load_corpus
-from ifutils.experiments.whole_network import WholeNetworkConfig, format_whole_network, whole_network_study
+from ifutils.experiments.whole_network import (
+    WholeNetworkConfig,
+    format_whole_network,
+    whole_network_study,
+)
 from ifutils.io import check_corpus, load_checkpoint, project_path, resolve_device
-from ifutils.cache import fingerprint
 
 
 def main() -> None:

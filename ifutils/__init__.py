@@ -22,7 +22,12 @@ from .curvature import (
     mc_true_fisher,
     token_empirical_fisher,
 )
-from .curvature.inverse import ArnoldiCurvature, DataInfCurvature, OperatorCurvature, hvp_operator
+from .curvature.inverse import (
+    ArnoldiCurvature,
+    DataInfCurvature,
+    OperatorCurvature,
+    hvp_operator,
+)
 from .curvature.kfac import ekfac_curvature, fit_kfac, kfac_curvature
 from .data import Corpus, Vocabulary, load_corpus, tokenize
 from .grads import per_sample_grads, per_token_grads

@@ -37,8 +37,8 @@ import re
 import socket
 import urllib.error
 import urllib.parse
-import warnings
 import urllib.request
+import warnings
 import zipfile
 from collections import Counter
 from dataclasses import dataclass
@@ -47,6 +47,7 @@ from unittest import mock
 
 import numpy as np
 import torch
+
 from .progress import progress
 
 DATA_ENV = "IFUTILS_DATA_DIR"

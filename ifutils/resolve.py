@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from .progress import progress
 
 from .curvature import hessian_and_ggn
 from .data import make_batch
+from .progress import progress
 from .subset import SubsetLoss
 
 

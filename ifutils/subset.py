@@ -12,7 +12,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-from .progress import progress
 
 from ._checks import (
     check_finite_parameters,
@@ -23,6 +22,7 @@ from ._checks import (
 from .cache import ChunkCache
 from .data import bucket_batches, make_batch
 from .model import LSTMLM, sentence_loss, token_nll
+from .progress import progress
 
 DECODER = ("decoder.weight", "decoder.bias")
 

@@ -9,12 +9,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from .progress import log, progress
 
 from .config import param, require_positive, validate_fields
 from .data import Corpus, bucket_batches, make_batch
 from .io import check_corpus, load_checkpoint, save_checkpoint
 from .model import LSTMLM, ModelConfig, sentence_loss, token_nll
+from .progress import log, progress
 
 
 @dataclass

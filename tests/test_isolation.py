@@ -14,7 +14,13 @@ import torch
 
 from ifutils.data import PROJECT_ROOT
 from ifutils.experiments.comparison import InfluenceConfig
-from ifutils.experiments.runs import RunConfig, comparison_run, derive_name, distinct_warnings, training_run
+from ifutils.experiments.runs import (
+    RunConfig,
+    comparison_run,
+    derive_name,
+    distinct_warnings,
+    training_run,
+)
 from ifutils.io import file_sha256, project_path, stored_path, update_results
 from ifutils.model import ModelConfig
 from ifutils.train import TrainConfig

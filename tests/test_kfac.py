@@ -4,8 +4,7 @@ over tokens and autograd gradients of the full weight matrices."""
 import pytest
 import torch
 
-from ifutils.curvature import kfac
-from ifutils.curvature import empirical_fisher, hessian_and_ggn
+from ifutils.curvature import empirical_fisher, hessian_and_ggn, kfac
 from ifutils.curvature.kfac import (
     ekfac_curvature,
     fit_kfac,

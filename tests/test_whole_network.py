@@ -6,7 +6,11 @@ import pytest
 import torch
 from scipy import stats
 
-from ifutils.experiments.whole_network import WholeNetworkConfig, agreement_with_reference, top_sentences
+from ifutils.experiments.whole_network import (
+    WholeNetworkConfig,
+    agreement_with_reference,
+    top_sentences,
+)
 
 
 def test_agreement_equals_scipy_per_column_and_the_validation_query_apart():

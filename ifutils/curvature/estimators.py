@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 from torch.func import functional_call, grad, jvp, vjp
-from ..progress import progress
 
 from ..data import bucket_batches, make_batch
 from ..model import LSTMLM, sentence_loss
+from ..progress import progress
 
 CURVATURES = ("F", "H", "EF")
 Matvec = Callable[[torch.Tensor], torch.Tensor]

@@ -26,9 +26,9 @@ from collections.abc import Callable
 
 import torch
 from torch.func import grad, jvp, vmap
-from ..progress import progress
 
 from ..cache import derive_seed
+from ..progress import progress
 from ..subset import SubsetLoss
 from .base import Curvature, Damping, _check_invertible, _describe
 from .estimators import hutchinson, rademacher

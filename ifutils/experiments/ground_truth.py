@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ..progress import progress
 
 from ..config import param, require_positive, validate_fields
 from ..grads import per_sample_grads
 from ..influence import influence
 from ..io import update_results
 from ..metrics import bootstrap_ci, column_correlation
+from ..progress import progress
 from ..resolve import (
     SampleHessians,
     SubsetObjective,

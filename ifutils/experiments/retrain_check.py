@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ..progress import progress
 
 from ..cache import fingerprint
 from ..config import param, require_positive, validate_fields
@@ -40,6 +39,7 @@ from ..grads import per_sample_grads
 from ..influence import influence
 from ..io import atomic_write, environment
 from ..model import LSTMLM, ModelConfig
+from ..progress import progress
 from ..subset import SubsetLoss, default_subset
 from ..train import TrainConfig, perplexity, train_language_model
 

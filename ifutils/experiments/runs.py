@@ -219,7 +219,12 @@ def run_findings(paths: dict) -> str:
     """The Findings of one run, each table headed by the file and section it comes from: the run's own ground
     truth (only when its recorded checkpoint sha256 is this run's checkpoint), and the study-wide tables only for
     the default PTB run (:data:`STUDY_RUN`); for any other run a line says why they are not shown."""
-    from .findings import ground_truth_table, retrain_table, robustness_table, spectrum_table
+    from .findings import (
+        ground_truth_table,
+        retrain_table,
+        robustness_table,
+        spectrum_table,
+    )
     from .sweeps import SHOWN
 
     results_file, name = paths["results_file"], paths["name"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import time
 
 import torch
-from ..progress import progress
 
 from ..curvature.estimators import (
     CURVATURES,
@@ -17,6 +16,7 @@ from ..curvature.estimators import (
     rademacher,
 )
 from ..model import LSTMLM
+from ..progress import progress
 
 
 def spectrum_stats(

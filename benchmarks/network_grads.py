@@ -6,12 +6,14 @@ Default run (about 4-5 minutes on 2 CPU cores; each method in a fresh subprocess
     IFUTILS_DATA_DIR=../shared/data .venv/bin/python benchmarks/network_grads.py --json benchmarks/results/network_grads.json
 
 Setting: the PTB-size model (V = 10,000, E = H = 256, one layer, P = 5,656,592 parameters; random init, or
-``--checkpoint checkpoints/ptb_lstm.pt``), ``--sentences`` real PTB training sentences drawn with ``--seed``,
-cut into length-bucketed batches (``ifutils.data.bucket_batches``) of each batch size. Every gradient is
+``--checkpoint checkpoints/ptb_lstm.pt``), real PTB training sentences batched as a pass over the whole training
+set batches them (all 42,068 sorted by length, cut into chunks of b): max(1, ``--sentences`` // b) such chunks at
+evenly spaced length quantiles (b = 256: the median chunk), so that padding is that of the real pass. Every gradient is
 d l_i / d theta of all parameters, l_i the mean token NLL of sentence i (nats/token), float32. Methods:
 
 * ``loop``: one sentence at a time through the model's fused ``nn.LSTM`` path, ``torch.autograd.grad`` of l_i
-  with respect to every parameter, the tensors copied into one reused (B, P) buffer (the baseline; it has no batch);
+  with respect to every parameter, the tensors copied into one reused (P,) row (the baseline; it has no batch: its
+  row at batch b times the same sentences as the other methods at b);
 * ``batch_grads``: ``NetworkGrads.batch_grads`` ({name: (B, *shape)} per batch, one batched backward pass and the
   per-layer outer products);
 * ``flat``: ``NetworkGrads.flat`` into one reused (B, P) buffer;
@@ -20,8 +22,8 @@ d l_i / d theta of all parameters, l_i the mean token NLL of sentence i (nats/to
   project dependency: install it for the benchmark with ``.venv/bin/pip install opacus torch==2.13.0`` (the torch
   pin on the same command line); without it the column reads ``-``.
 
-Each (method, threads, batch) is timed in a fresh subprocess (``--worker``): one untimed warm-up batch, then every
-batch of the sample; peak memory is that subprocess's ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (whole process,
+Each (method, threads, batch) is timed in a fresh subprocess (``--worker``): one untimed warm-up on the first batch (it also
+first-touches the reused buffers), then every batch of the sample; peak memory is that subprocess's ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (whole process,
 MB), and ``above floor`` subtracts its maxrss after imports, data and model (before the first gradient). A run whose
 estimated memory (the (B, P) gradients, twice for ``flat``) exceeds 80% of the available memory is skipped and the
 table says so. Agreement: max |g - g_loop| / max |g_loop| over 4 sentences, per method, in one more subprocess.
@@ -74,10 +76,17 @@ def setup(args):
         torch.manual_seed(args.seed)
         model = LSTMLM(ModelConfig(vocab_size=len(corpus.vocab.itos), emb_dim=256, hidden=256))
     model.eval()
-    g = torch.Generator().manual_seed(args.seed)
-    n = max(args.sentences, args.batch or 1)
-    pick = torch.randperm(len(corpus.splits["train"]), generator=g)[:n].tolist()
-    return model, corpus.vocab.stoi["<eos>"], [corpus.splits["train"][i] for i in pick]
+    train = corpus.splits["train"]
+    if args.batch is None:  # the agreement check: random sentences
+        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[: args.sentences]
+        return model, corpus.vocab.stoi["<eos>"], [train[i] for i in pick.tolist()]
+    # batches as scoring or fitting the whole training set cuts them: the set sorted by length, cut into chunks of b;
+    # max(1, sentences // b) chunks at evenly spaced length quantiles (one chunk: the median one)
+    b = args.batch
+    order = sorted(range(len(train)), key=lambda i: len(train[i]))
+    total, k = -(-len(order) // b), max(1, args.sentences // b)
+    chunks = [int((c + 0.5) * total / k) for c in range(k)]
+    return model, corpus.vocab.stoi["<eos>"], [train[i] for c in chunks for i in order[c * b : (c + 1) * b]]
 
 
 class OpacusLM:
@@ -165,7 +174,7 @@ def worker(args) -> dict:
         def run(idx):
             lm.grads(*make_batch([sentences[i] for i in idx], eos_id))
     floor = maxrss_mb()
-    run(batches[len(batches) // 2][: min(b, 4)])  # warm-up: thread pool, allocator, opacus hooks
+    run(batches[0])  # warm-up, untimed: thread pool, allocator, opacus hooks, first touch of the buffer
     start = time.perf_counter()
     for idx in batches:
         run(idx)
@@ -251,7 +260,7 @@ def main(argv=None) -> int:
     rows = []
     for threads in args.threads_list:
         for method in methods:
-            for b in ([1] if method == "loop" else args.batch_sizes):
+            for b in args.batch_sizes:
                 need = 4 * b * p / 2**20 * (2 if method in ("flat", "opacus") else 1)
                 if need > 0.8 * available_mb():
                     rows.append({"method": method, "threads": threads, "batch": b,
@@ -284,15 +293,15 @@ def print_table(rows: list[dict], batch_sizes: list[int], threads_list: list[int
     print(f"{'method':12s} {'threads':>7s} {'batch':>5s} {'sent/s':>9s} {'x loop':>7s} {'x opacus':>8s} "
           f"{'peak MB':>8s} {'above floor':>11s}")
     for threads in threads_list:
-        loop = find("loop", threads)
         for r in [r for r in rows if r["threads"] == threads]:
+            loop = find("loop", threads, r["batch"])
             if "skipped" in r:
                 print(f"{r['method']:12s} {threads:7d} {r['batch']:5d} skipped: {r['skipped']}")
                 continue
             op = find("opacus", threads, r["batch"])
             vs_loop = f"{r['sentences_per_s'] / loop['sentences_per_s']:7.2f}" if loop else f"{'-':>7s}"
             vs_op = f"{r['sentences_per_s'] / op['sentences_per_s']:8.2f}" if op else f"{'-':>8s}"
-            batch = "-" if r["method"] == "loop" else str(r["batch"])
+            batch = str(r["batch"])
             print(f"{r['method']:12s} {threads:7d} {batch:>5s} {r['sentences_per_s']:9.1f} {vs_loop} {vs_op} "
                   f"{r['peak_mb']:8.0f} {r['peak_mb'] - r['floor_mb']:11.0f}")
 

@@ -12,11 +12,11 @@ Not a 5-minute run on 2 cores: the fit's cost has a part independent of n_fit, t
 Per n_fit (sentences drawn by ``fit_network_kfac`` with ``--seed``, ``labels="model"``, one label draw, chunks of
 ``--chunk-size``, float32 model, float64 factors):
   1. ``pass 1``: ``fit_network_kfac(..., ekfac=False, cache_dir=tmp)``, the factor sums (timed);
-  2. ``eigh``: ``torch.linalg.eigh`` of every 2-D factor of that fit, timed per factor; the decoder's G (V x V) is
-     reported apart (its time and bytes and their share);
-  3. ``ekfac``: ``fit_network_kfac(..., ekfac=True, cache_dir=tmp)``: pass 1 read back from the cache, the
-     eigendecompositions again (inside the library), and the EK-FAC eigenvalue pass. ``pass 2`` = this time minus
-     step 2's eigh time (derived, stated as such); ``total`` = pass 1 + eigh + pass 2, the cost of one EK-FAC fit.
+  2. ``ekfac``: ``fit_network_kfac(..., ekfac=True, cache_dir=tmp)``: pass 1 read back from the cache, the
+     eigendecomposition of every 2-D factor (inside the library; each ``torch.linalg.eigh`` call is timed by a
+     wrapper installed in this benchmark process only, so the decoder's G (V x V) is reported apart), and the EK-FAC
+     eigenvalue pass. ``pass 2`` = this call's time minus its eigh time (so it includes reading pass 1 back from the
+     cache, under a second); ``total`` = pass 1 + eigh + pass 2, the cost of one EK-FAC fit.
 Peak memory: the subprocess's ``ru_maxrss`` (MB) and above its value after the model and data were loaded.
 """
 
@@ -61,22 +61,30 @@ def worker(args) -> dict:
     model.eval()
     eos, train = corpus.vocab.stoi["<eos>"], corpus.splits["train"]
     floor = maxrss_mb()
-    kw = dict(n_fit=args.n_fit, chunk_size=args.chunk_size, seed=args.seed, save_every=1e9)
+    kw = {"n_fit": args.n_fit, "chunk_size": args.chunk_size, "seed": args.seed, "save_every": 1e9}
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         factors = fit_network_kfac(model, train, eos, ekfac=False, cache_dir=tmp, **kw)
         pass1 = time.perf_counter() - start
-        eigh = {}
-        for key, f in factors.factors.items():
-            if f.dim() == 2:
-                start = time.perf_counter()
-                torch.linalg.eigh(f)
-                eigh[key] = time.perf_counter() - start
         factor_bytes = {k: f.numel() * f.element_size() for k, f in factors.factors.items()}
+        sizes = {f.shape[0]: k for k, f in factors.factors.items() if f.dim() == 2}
         del factors
-        start = time.perf_counter()
-        full = fit_network_kfac(model, train, eos, ekfac=True, cache_dir=tmp, **kw)
-        second = time.perf_counter() - start
+        eigh, library_eigh = {}, torch.linalg.eigh
+
+        def timed_eigh(a, *rest, **kw):  # instrument the library's eigendecompositions (this process only)
+            start = time.perf_counter()
+            out = library_eigh(a, *rest, **kw)
+            key = sizes.get(a.shape[0], str(tuple(a.shape)))
+            eigh[key] = eigh.get(key, 0.0) + time.perf_counter() - start
+            return out
+
+        torch.linalg.eigh = timed_eigh
+        try:
+            start = time.perf_counter()
+            full = fit_network_kfac(model, train, eos, ekfac=True, cache_dir=tmp, **kw)
+            second = time.perf_counter() - start
+        finally:
+            torch.linalg.eigh = library_eigh
         held = full.nbytes + sum(v[1].numel() * 8 for v in full.eigenbases().values() if v[1] is not None)
     eigh_total = sum(eigh.values())
     pass2 = max(second - eigh_total, 0.0)
@@ -110,7 +118,7 @@ def main(argv=None) -> int:
     for n in args.n_fits:
         cmd = [sys.executable, __file__, "--worker", str(n), "--checkpoint", args.checkpoint or "", "--chunk-size",
                str(args.chunk_size), "--threads", str(args.threads), "--seed", str(args.seed)]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+        done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, cwd=ROOT)
         if done.returncode != 0:
             raise RuntimeError(f"n_fit={n} failed:\n{done.stderr[-3000:]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))

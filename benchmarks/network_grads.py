@@ -222,7 +222,7 @@ def spawn(args, extra: list[str], threads: int) -> dict:
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, __file__, "--sentences", str(args.sentences), "--seed", str(args.seed),
            "--threads", str(threads), *extra] + (["--checkpoint", args.checkpoint] if args.checkpoint else [])
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # this checkout's ifutils, whatever the working directory
+    sys.path.insert(0, str(ROOT))
 
 
 def maxrss_mb() -> float:
@@ -97,6 +99,15 @@ def worker(args) -> dict:
             "decoder_share_memory": 2 * dec / held, "peak_mb": maxrss_mb(), "floor_mb": floor, "eigh": eigh}
 
 
+def write_json(args, argv, rows: list[dict]) -> None:
+    """Write the settings, environment and rows so far to ``--json`` (atomically)."""
+    from ifutils.io import atomic_write, environment, project_path
+
+    result = {"command": " ".join(["benchmarks/ekfac_fit.py", *(argv if argv is not None else sys.argv[1:])]),
+              "settings": vars(args), "environment": environment(), "rows": rows}
+    atomic_write(project_path(args.json), lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n-fit", type=int, nargs="+", default=[50, 100, 200, 400], dest="n_fits")
@@ -123,6 +134,8 @@ def main(argv=None) -> int:
             raise RuntimeError(f"n_fit={n} failed:\n{done.stderr[-3000:]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(f"n_fit={n}: {rows[-1]['total_s']:.1f} s", file=sys.stderr)
+        if args.json:  # after every n_fit, so that a stopped run keeps its finished rows
+            write_json(args, argv, rows)
     base = rows[0]
     print(f"{'n_fit':>5s} {'tokens':>7s} {'pass 1 s':>8s} {'eigh s':>7s} {'G_dec eigh s':>12s} {'pass 2 s':>8s} "
           f"{'total s':>8s} {'x first':>7s} {'G_dec time %':>12s} {'held MB':>8s} {'G_dec mem %':>11s} "
@@ -132,12 +145,6 @@ def main(argv=None) -> int:
               f"{r['pass2_s']:8.1f} {r['total_s']:8.1f} {r['total_s'] / base['total_s']:7.2f} "
               f"{100 * r['decoder_share_time']:12.1f} {r['held_mb']:8.0f} {100 * r['decoder_share_memory']:11.1f} "
               f"{r['peak_mb']:8.0f} {r['peak_mb'] - r['floor_mb']:11.0f}")
-    if args.json:
-        from ifutils.io import atomic_write, environment, project_path
-
-        result = {"command": " ".join(["benchmarks/ekfac_fit.py", *(argv if argv is not None else sys.argv[1:])]),
-                  "settings": vars(args), "environment": environment(), "rows": rows}
-        atomic_write(project_path(args.json), lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
     return 0
 
 

@@ -25,7 +25,7 @@ d l_i / d theta of all parameters, l_i the mean token NLL of sentence i (nats/to
 Each (method, threads, batch) is timed in a fresh subprocess (``--worker``): one untimed warm-up on the first batch (it also
 first-touches the reused buffers), then every batch of the sample; peak memory is that subprocess's ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (whole process,
 MB), and ``above floor`` subtracts its maxrss after imports, data and model (before the first gradient). A run whose
-estimated memory (the (B, P) gradients, twice for ``flat``) exceeds 80% of the available memory is skipped and the
+estimated memory (the (B, P) gradients, twice for ``opacus``) exceeds 80% of the available memory is skipped and the
 table says so. Agreement: max |g - g_loop| / max |g_loop| over 4 sentences, per method, in one more subprocess.
 """
 
@@ -41,6 +41,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # this checkout's ifutils, whatever the working directory
+    sys.path.insert(0, str(ROOT))
 METHODS = ("loop", "batch_grads", "flat", "opacus")
 INSTALL = ".venv/bin/pip install opacus torch==2.13.0"
 
@@ -261,7 +263,7 @@ def main(argv=None) -> int:
     for threads in args.threads_list:
         for method in methods:
             for b in args.batch_sizes:
-                need = 4 * b * p / 2**20 * (2 if method in ("flat", "opacus") else 1)
+                need = 4 * b * p / 2**20 * (2 if method == "opacus" else 1)
                 if need > 0.8 * available_mb():
                     rows.append({"method": method, "threads": threads, "batch": b,
                                  "skipped": f"needs ~{need:.0f} MB, {available_mb():.0f} MB available"})

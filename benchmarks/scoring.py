@@ -39,6 +39,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # this checkout's ifutils, whatever the working directory
+    sys.path.insert(0, str(ROOT))
 N_TRAIN = 42_068
 
 
@@ -64,7 +66,7 @@ def setup(args):
 def queries(model, q: int, seed: int) -> torch.Tensor:
     """(q, P) seeded normal query vectors / sqrt(P)."""
     p = sum(t.numel() for t in model.parameters())
-    return torch.randn(q, p, generator=torch.Generator().manual_seed(seed)) / p**0.5
+    return torch.randn(q, p, generator=torch.Generator().manual_seed(seed)).div_(p**0.5)  # in place: one (q, P)
 
 
 def sample(sentences, n: int, seed: int) -> list[torch.Tensor]:

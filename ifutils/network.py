@@ -132,9 +132,10 @@ class NetworkGrads:
             return s["d_logits"].sum(1)
         if name == "embedding.weight":
             d = s["d_embedding"]
-            rows = d.new_zeros((d.shape[0],) + self.shapes[name])
-            return rows.index_put_((torch.arange(d.shape[0], device=d.device)[:, None].expand_as(s["tokens"]),
-                                    s["tokens"]), d, accumulate=True)
+            b, (v, e) = d.shape[0], self.shapes[name]
+            rows = d.new_zeros(b * v, e)  # row i V + w of the flat (B V, E) = row w of sentence i's gradient
+            keys = (torch.arange(b, device=d.device)[:, None] * v + s["tokens"]).flatten()
+            return rows.index_add_(0, keys, d.reshape(-1, e)).view(b, v, e)
         kind, k = name.removeprefix("lstm.").rsplit("_l", 1)
         delta = s[f"d_gates{k}"]
         if kind == "weight_ih":
@@ -155,19 +156,47 @@ class NetworkGrads:
                 first-touching B P floats per chunk, which dominates at P in the millions); the result is its first
                 B rows.
         """
-        grads = self.batch_grads(sentences)
+        device = self.model.decoder.weight.device
+        batch = [t.to(device) for t in make_batch(sentences, self.eos_id)]
+        s = self.signals(*batch)
         b = len(sentences)
-        ref = grads[self.names[0]]
+        ref = s["d_logits"]
         if out is None:
             out = torch.empty((b, self.p), dtype=ref.dtype, device=ref.device)
-        elif out.shape[0] < b or out.shape[1] != self.p:
-            raise ValueError(f"out must be (>= {b}, {self.p}), got {tuple(out.shape)}")
+        elif out.shape[0] < b or out.shape[1] != self.p or out.dtype != ref.dtype or out.device != ref.device:
+            raise ValueError(f"out must be a (>= {b}, {self.p}) {ref.dtype} tensor on {ref.device}, got "
+                             f"{tuple(out.shape)} {out.dtype} on {out.device}")
         start = 0
         for n in self.names:
-            size = grads[n][0].numel()
-            out[:b, start : start + size].copy_(grads[n].reshape(b, size))
+            size = 1
+            for d in self.shapes[n]:
+                size *= d
+            self._grad_into(n, s, out[:b, start : start + size].view((b,) + self.shapes[n]))
             start += size
         return out[:b]
+
+    def _grad_into(self, name: str, s: dict[str, torch.Tensor], view: torch.Tensor) -> None:
+        """Write the per-sample gradient of ``name`` into ``view`` (B, *shape), a strided view of the flat buffer.
+
+        Products go straight into the view (``torch.bmm(..., out=)``, per-sentence ``index_add_`` for the
+        embedding) instead of into a new (B, *shape) tensor then copied: at P in the millions the fresh
+        allocation's page faults and the copy cost more than the products (benchmarks/network_grads.py)."""
+        if name == "decoder.weight":
+            torch.bmm(s["d_logits"].transpose(1, 2), s["h_last"], out=view)
+        elif name == "embedding.weight":
+            view.zero_()
+            d, tokens = s["d_embedding"], s["tokens"]
+            for i in range(len(tokens)):  # rows w_t of sentence i get d l_i / d x_t, summed over repeats
+                view[i].index_add_(0, tokens[i], d[i])
+        elif name.startswith("lstm.weight_"):
+            kind, k = name.removeprefix("lstm.").rsplit("_l", 1)
+            a = s[f"x{k}"] if kind == "weight_ih" else None
+            if a is None:
+                h = s[f"h{k}"]
+                a = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)  # h_{t-1}, 0 at t = 0
+            torch.bmm(s[f"d_gates{k}"].transpose(1, 2), a, out=view)
+        else:
+            view.copy_(self._grad(name, s))
 
     def dot(self, sentences: list[torch.Tensor], queries: dict[str, torch.Tensor]) -> torch.Tensor:
         """Scores g_i^T q_j of every sentence against every query, layer by layer, without a (B, P) tensor.

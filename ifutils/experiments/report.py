@@ -408,7 +408,15 @@ def results_markdown(results_dir: str | os.PathLike, tracked_only: bool = False)
     for name, render in SPECIAL.items():
         if name in files:
             parts.append(render(files[name]))
-    known = set(SPECIAL) | set(runs) | set(truths) | {n for n, d in files.items() if isinstance(d, dict) and d.get("training")}
+    whole = [n for n, d in files.items() if isinstance(d, dict) and "top_sentences" in d and "curvatures" in d]
+    if whole:
+        from .whole_network import format_whole_network
+
+        parts.append("## Whole-network influence\n\n" + "\n\n".join(
+            f"From `{n}` (`experiments/whole_network.py`; the reference is EK-FAC with true-Fisher labels, not the "
+            f"exact Hessian).\n\n{format_whole_network(files[n])}" for n in whole))
+    known = set(SPECIAL) | set(runs) | set(truths) | set(whole) | {
+        n for n, d in files.items() if isinstance(d, dict) and d.get("training")}
     other = [n for n in files if n not in known]
     if other:
         parts.append("## Other results files\n\n" + "\n".join(

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     if not args.results.is_dir():
         parser.error(f"--results {args.results} is not a directory; pass the folder holding the results JSON files")
-    path = write_results_md(args.results, args.out)
+    path = write_results_md(args.results, args.out, tracked_only=True)
     print(f"wrote {path}")
     return path
 

@@ -425,10 +425,10 @@ def results_markdown(results_dir: str | os.PathLike, tracked_only: bool = False)
     return "\n\n".join(p.strip("\n") for p in parts) + "\n"
 
 
-def write_results_md(results_dir: str | os.PathLike, path: str | os.PathLike) -> Path:
-    """Write :func:`results_markdown` of ``results_dir`` to ``path`` atomically (:func:`ifutils.io.atomic_write`);
-    returns the path."""
-    text = results_markdown(results_dir, tracked_only=True)
+def write_results_md(results_dir: str | os.PathLike, path: str | os.PathLike, tracked_only: bool = False) -> Path:
+    """Write :func:`results_markdown` of ``results_dir`` (``tracked_only`` as there; ``experiments/report.py``
+    passes True) to ``path`` atomically (:func:`ifutils.io.atomic_write`); returns the path."""
+    text = results_markdown(results_dir, tracked_only=tracked_only)
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 

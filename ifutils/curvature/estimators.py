@@ -201,20 +201,24 @@ def hutchinson(matvec: Matvec, probes: torch.Tensor, block: int | None = None) -
             "second_moment": float(np.mean(r)) / p, "second_moment_se": se(r)}
 
 
-def lambda_max(matvec: Matvec, p: int, dtype=torch.float64, device="cpu", tol: float = 1e-3,
-               max_matvecs: int = 60, seed: int = 0) -> dict:
-    """Largest algebraic eigenvalue of a symmetric C by implicitly restarted Lanczos (``scipy.sparse.linalg.eigsh``,
-    ARPACK; which="LA"), from a seeded random start vector.
+def lanczos_extreme(matvec: Matvec, p: int, which: str = "LA", dtype=torch.float64, device="cpu", tol: float = 1e-3,
+                    max_matvecs: int = 60, seed: int = 0) -> dict:
+    """One extreme eigenvalue of a symmetric P x P C by implicitly restarted Lanczos (``scipy.sparse.linalg.eigsh``,
+    ARPACK; ``which`` = "LA" for the largest algebraic, "SA" for the smallest), ncv = min(P, 20) Lanczos vectors,
+    from a seeded standard-normal start vector: the one Lanczos driver of ``ifutils``.
 
     Args:
         matvec: (P,) -> (P,) product with C, in ``dtype`` on ``device``.
-        p: P.
-        tol: ARPACK's relative accuracy of the Ritz value.
-        max_matvecs: budget; ARPACK is stopped after about this many products (ncv = min(P, 20) Lanczos vectors).
+        p: P. tol: ARPACK's relative accuracy of the Ritz value.
+        max_matvecs: budget; ARPACK is stopped after about this many products.
     Returns:
-        dict with ``lambda_max`` (float), ``lanczos_converged`` (when False, ``lambda_max`` is the best converged
-        Ritz value, a lower bound, or NaN if none converged within the budget) and ``lanczos_matvecs``.
+        dict with ``value`` (float; when not converged the best converged Ritz value, a bound from inside the
+        spectrum, or NaN if none converged), ``converged`` and ``matvecs``.
+    Raises:
+        ValueError: ``which`` not "LA" or "SA".
     """
+    if which not in ("LA", "SA"):
+        raise ValueError(f"which must be 'LA' or 'SA', got {which!r}")
     count = [0]
 
     def mv(x):
@@ -224,9 +228,23 @@ def lambda_max(matvec: Matvec, p: int, dtype=torch.float64, device="cpu", tol: f
     ncv = min(p, 20)
     v0 = np.random.default_rng(seed).standard_normal(p)
     op = LinearOperator((p, p), matvec=mv, dtype=np.float64)
+    pick = max if which == "LA" else min
     try:
-        value, converged = float(eigsh(op, k=1, which="LA", tol=tol, ncv=ncv, v0=v0,
-                                       maxiter=max(1, max_matvecs // max(1, ncv - 1)))[0][0]), True
+        value = float(eigsh(op, k=1, which=which, tol=tol, ncv=ncv, v0=v0,
+                            maxiter=max(1, max_matvecs // max(1, ncv - 1)))[0][0])
+        converged = True
     except ArpackNoConvergence as err:
-        value, converged = (float(err.eigenvalues.max()) if len(err.eigenvalues) else math.nan), False
-    return {"lambda_max": value, "lanczos_converged": converged, "lanczos_matvecs": count[0]}
+        value, converged = (float(pick(err.eigenvalues)) if len(err.eigenvalues) else math.nan), False
+    return {"value": value, "converged": converged, "matvecs": count[0]}
+
+
+def lambda_max(matvec: Matvec, p: int, dtype=torch.float64, device="cpu", tol: float = 1e-3,
+               max_matvecs: int = 60, seed: int = 0) -> dict:
+    """Largest algebraic eigenvalue of a symmetric C (:func:`lanczos_extreme` with which="LA").
+
+    Returns:
+        dict with ``lambda_max`` (float), ``lanczos_converged`` (when False, ``lambda_max`` is the best converged
+        Ritz value, a lower bound, or NaN if none converged within the budget) and ``lanczos_matvecs``.
+    """
+    out = lanczos_extreme(matvec, p, "LA", dtype, device, tol, max_matvecs, seed)
+    return {"lambda_max": out["value"], "lanczos_converged": out["converged"], "lanczos_matvecs": out["matvecs"]}

@@ -33,13 +33,17 @@ import math
 import time
 import warnings
 
-import numpy as np
 import torch
-from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 from torch.func import vmap
 
 from .base import Curvature, Damping, _describe
-from .estimators import CURVATURES, CurvatureProducts, hutchinson, rademacher
+from .estimators import (
+    CURVATURES,
+    CurvatureProducts,
+    hutchinson,
+    lanczos_extreme,
+    rademacher,
+)
 from .inverse import (
     HUTCHINSON_PROBES,
     SolverWarning,
@@ -253,24 +257,8 @@ def relative_residual(mv, x: torch.Tensor, b: torch.Tensor, damping: Damping) ->
 
 
 def _lanczos(matvec, p: int, which: str, dtype, device, tol: float, max_matvecs: int, seed: int) -> dict:
-    """One extreme eigenvalue by ARPACK's implicitly restarted Lanczos (``eigsh``, ``which`` = "LA" or "SA")."""
-    count = [0]
-
-    def mv(x):
-        count[0] += 1
-        return matvec(torch.as_tensor(np.ravel(x), dtype=dtype, device=device)).double().cpu().numpy()
-
-    ncv = min(p, 20)
-    v0 = np.random.default_rng(seed).standard_normal(p)
-    op = LinearOperator((p, p), matvec=mv, dtype=np.float64)
-    pick = max if which == "LA" else min
-    try:
-        value = float(eigsh(op, k=1, which=which, tol=tol, ncv=ncv, v0=v0,
-                            maxiter=max(1, max_matvecs // max(1, ncv - 1)))[0][0])
-        converged = True
-    except ArpackNoConvergence as err:
-        value, converged = (float(pick(err.eigenvalues)) if len(err.eigenvalues) else math.nan), False
-    return {"value": value, "converged": converged, "matvecs": count[0]}
+    """One extreme eigenvalue (:func:`ifutils.curvature.estimators.lanczos_extreme`)."""
+    return lanczos_extreme(matvec, p, which, dtype, device, tol, max_matvecs, seed)
 
 
 def extreme_eigenvalues(matvec, p: int, dtype=torch.float64, device="cpu", tol: float = 1e-6,

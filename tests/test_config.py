@@ -18,6 +18,7 @@ from ifutils.experiments.retrain_check import RetrainConfig
 from ifutils.experiments.runs import RunConfig
 from ifutils.model import ModelConfig
 from ifutils.train import TrainConfig
+from ifutils.experiments.whole_network import WholeNetworkConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 GT = {"gt_n": "n", "gt_damping": "damping", "gt_loo": "n_loo", "gt_groups": "n_groups", "gt_group_size": "group_size",
@@ -26,6 +27,7 @@ GT = {"gt_n": "n", "gt_damping": "damping", "gt_loo": "n_loo", "gt_groups": "n_g
 SOURCES = {
     "train_lstm_penn_treebank.ipynb": [(RunConfig, None), (ModelConfig, None), (TrainConfig, None)],
     "fisher_if.ipynb": [(RunConfig, None), (InfluenceConfig, None), (GroundTruthConfig, GT)],
+    "whole_network.ipynb": [(RunConfig, None), (WholeNetworkConfig, None)],
 }
 
 

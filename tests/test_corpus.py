@@ -139,6 +139,23 @@ def test_notebooks_run_on_a_text_file_corpus(tmp_path, monkeypatch):
     figures = sorted(p.name.rsplit("_", 1)[-1] for p in (out / "figures").rglob("*.png"))
     assert {"training.png", "spectra.png", "scatter.png", "error.png", "damping.png"} <= set(figures)
     assert "mini (text files)" in json.dumps(json.loads((out / "fisher.ipynb").read_text())["cells"])
+    # the third notebook on the same model: whole-network influence with an exact reference, in a smoke configuration
+    papermill.execute_notebook(
+        "whole_network.ipynb", str(out / "whole.ipynb"), progress_bar=False,
+        parameters={**common, "results_file": str(out / "whole.json"), "cache_dir": None, "n_fit": 20, "n_test": 3,
+                    "n_exact": 2, "n_agree": 60, "exact_dampings": [0.1], "damping_grid": [0.01, 0.1],
+                    "cg_max_iter": 60, "cg_tol": 1e-6, "lanczos_matvecs": 60, "lanczos_tol": 0.05, "chunk_size": 16,
+                    "top_k": 10, "shown": 3},
+    )
+    whole = json.loads((out / "whole.json").read_text())
+    assert whole["n_train"] == 300 and whole["n_agree"] == 60 and len(whole["test_indices"]) == 3
+    assert "ggn@0.1" in whole["agreement_with_exact"] and whole["exact"]["spectrum"]["H"]["lambda_max"] > 0
+    solved = [s for s in whole["exact"]["solves"] if "skipped" not in s]
+    assert solved and all(max(s["relative_residual"]) < 1e-4 for s in solved)
+    assert len(whole["top_sentences"]["all_training_sentences"]["test_sentence"]["harmful"]) == 3
+    assert list((out / "figures").rglob("*_whole*_agreement.png"))
+    shown = json.dumps(json.loads((out / "whole.ipynb").read_text())["cells"])
+    assert "Most harmful" in shown and "Agreement with the exact" in shown
 
 
 def test_corpora_in_folders_of_the_same_name_get_distinct_tags(tmp_path):

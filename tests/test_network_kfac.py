@@ -287,6 +287,14 @@ def test_resume_after_a_kill_gives_identical_factors(tmp_path, monkeypatch):
         assert torch.equal(got.eigenvalues[name], expected.eigenvalues[name]), name
     again = nk.fit_network_kfac(model, sentences, EOS, cache_dir=tmp_path, **kwargs)  # fully cached now
     assert len(counted) == 6 and torch.equal(again.eigenvalues["decoder.weight"], expected.eigenvalues["decoder.weight"])
+    # the eigendecompositions are cached with the sums: a rerun reads them and never calls eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda *a, **k: pytest.fail("eigh was repeated"))
+    cached = nk.fit_network_kfac(model, sentences, EOS, cache_dir=tmp_path, **kwargs)
+    v = torch.randn(sum(math.prod(s) for s in expected.shapes.values()), 3, dtype=torch.float64)
+    assert torch.equal(nk.ekfac_network_curvature(cached).solve(v, 0.1), nk.ekfac_network_curvature(again).solve(v, 0.1))
+    for key, (values, vectors) in expected.eigenbases().items():
+        assert torch.equal(cached.eigenbases()[key][0], values) and (vectors is None or torch.equal(
+            cached.eigenbases()[key][1], vectors)), key
 
 
 def test_argument_errors():

@@ -543,6 +543,7 @@ def fit_network_kfac(
     ekfac: bool = True,
     save_every: float = 60.0,
     distributed: bool | None = None,
+    cache_bases: bool = False,
 ) -> NetworkFactors:
     """Fit the whole-network KFAC factors (one pass) and, with ``ekfac``, the EK-FAC eigenvalues (a second pass).
 
@@ -562,6 +563,8 @@ def fit_network_kfac(
         device: where to compute (default the model's); results are on CPU.
         ekfac: also fit the EK-FAC eigenvalues.
         save_every: seconds between partial saves (0: after every chunk).
+        cache_bases: with ``cache_dir`` and ``ekfac=False``, also compute and cache the factors' eigenbases (with
+            ``ekfac`` they are always cached: a rerun reads them instead of repeating the V x V ``eigh``).
         distributed: shard the chunks over the ranks of a :mod:`torch.distributed` process group
             (:mod:`ifutils.distributed`, launched by torchrun): each rank sums its strided slice of the chunks, the
             sums are all-reduced, so every rank returns the same factors, equal to a single process's up to the
@@ -593,6 +596,13 @@ def fit_network_kfac(
 
     sums = _stream(net, fit, "factors", cache, chunk_size, save_every, factor_step, world)
     factors = NetworkFactors(net.names, net.shapes, sums, labels, draws, n, sum(len(t) for t in fit))
+    if cache is not None:  # the eigendecompositions (O(V^3) for the decoder's V x V factor) are cached too
+        stored = cache.get("eigenbases")
+        if stored is not None:
+            factors._bases = {k: (v["values"], v.get("vectors")) for k, v in stored.items()}
+        elif (ekfac or cache_bases) and world[0] == 0:  # one rank writes, as for the sums
+            cache.put("eigenbases", {k: {"values": e} if q is None else {"values": e, "vectors": q}
+                                     for k, (e, q) in factors.eigenbases().items()})
     if ekfac:
         device_bases = {k: tuple(None if t is None else t.to(model.decoder.weight.device) for t in v)
                         for k, v in factors.eigenbases().items()}

@@ -244,3 +244,28 @@ def sweep_with_ci(rows: list[dict], x: str, metric: str, label: str, path: str |
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     return save(fig, path)
+
+
+def whole_network_agreement(results: dict, label: str, path: str | os.PathLike) -> plt.Figure:
+    """Whole network: Spearman (mean over test queries, 95 % bootstrap interval) of every curvature's influence with
+    each exact matrix-free reference (one panel per reference, ``results["agreement_with_exact"]``), against the
+    absolute damping of the approximation; the reference's own damping dotted."""
+    refs = results.get("agreement_with_exact") or {}
+    if not refs:
+        raise ValueError("the results hold no exact-reference agreement (run with exact_curvatures)")
+    fig, axes = plt.subplots(1, len(refs), figsize=(5.2 * len(refs), 3.6), squeeze=False)
+    for ax, ref in zip(axes[0], refs.values()):
+        for j, (key, row) in enumerate(ref["table"].items()):
+            ds = sorted(float(d) for d in row["by_damping"])
+            means = [row["by_damping"][repr(d)]["spearman"]["mean"] for d in ds]
+            lows = [row["by_damping"][repr(d)]["spearman"]["ci"][0] for d in ds]
+            highs = [row["by_damping"][repr(d)]["spearman"]["ci"][1] for d in ds]
+            ax.plot(ds, means, "o-", color=f"C{j % 10}", label=curvature_label(key), ms=3)
+            ax.fill_between(ds, lows, highs, color=f"C{j % 10}", alpha=0.15)
+        ax.axvline(ref["damping"], color="k", ls=":", lw=1)
+        ax.set(xscale="log", xlabel="damping lambda of the approximation", ylabel="Spearman with the reference",
+               title=f"{label}: vs exact {curvature_label(ref['curvature'])} (lambda = {ref['damping']:g})")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return save(fig, path)

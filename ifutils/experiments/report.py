@@ -360,8 +360,16 @@ def spectrum_markdown(spectrum: dict) -> str:
 
 # ---------------------------------------------------------------- the document
 
+def bridge_markdown(data: dict) -> str:
+    """The whole-network code restricted to the comparison's subset (``results/ptb_bridge.json``)."""
+    from .bridge import format_bridge
+
+    return ("## Whole network restricted to the 512-coordinate subset\n\nFrom `results/ptb_bridge.json` "
+            "(`experiments/bridge.py`).\n\n" + format_bridge(data))
+
+
 SPECIAL = {"robustness.json": robustness_markdown, "retrain_check.json": retrain_markdown,
-           "spectrum.json": spectrum_markdown}
+           "spectrum.json": spectrum_markdown, "ptb_bridge.json": bridge_markdown}
 
 
 def results_markdown(results_dir: str | os.PathLike, tracked_only: bool = False) -> str:
@@ -413,8 +421,7 @@ def results_markdown(results_dir: str | os.PathLike, tracked_only: bool = False)
         from .whole_network import format_whole_network
 
         parts.append("## Whole-network influence\n\n" + "\n\n".join(
-            f"From `{n}` (`experiments/whole_network.py`; the reference is EK-FAC with true-Fisher labels, not the "
-            f"exact Hessian).\n\n{format_whole_network(files[n])}" for n in whole))
+            f"From `{n}` (`experiments/whole_network.py`).\n\n{format_whole_network(files[n])}" for n in whole))
     known = set(SPECIAL) | set(runs) | set(truths) | set(whole) | {
         n for n, d in files.items() if isinstance(d, dict) and d.get("training")}
     other = [n for n in files if n not in known]

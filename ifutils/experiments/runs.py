@@ -39,6 +39,7 @@ class RunConfig:
     results_file: str | None = param(None, "None: results/<run name>.json")
     cache_dir: str | None = param("cache", "finished chunks of long stages; a rerun after a kill resumes; None: off")
     device: str = param("auto", '"auto": cuda when available')
+    recompute: bool = param(False, "whole_network.ipynb: run the study even when the results file of this configuration and checkpoint exists")
     ground_truth: bool = param(False, "fisher_if.ipynb: also run the retraining ground truth (about an hour; experiments/ground_truth.py runs it alone)")
 
     def __post_init__(self):
@@ -130,6 +131,25 @@ def comparison_run(run: RunConfig, tag: str, config, gt=None) -> dict:
         from ..io import check_results_checkpoint
 
         check_results_checkpoint(paths["results_file"], "influence", paths["checkpoint"], name)
+    return paths
+
+
+def whole_network_run(run: RunConfig, tag: str, config) -> dict:
+    """Run name and paths of a whole-network run (``whole_network.ipynb``, ``experiments/whole_network.py``):
+    ``<tag>_whole`` for the default :class:`~ifutils.experiments.whole_network.WholeNetworkConfig` on
+    ``checkpoints/<tag>_lstm.pt``, ``<tag>_whole_<8 hex>`` otherwise; results ``results/<name>.json``; scores under
+    ``cache/whole_scores/<hash of the configuration and the checkpoint as given>``."""
+    from ..cache import fingerprint
+    from .whole_network import WholeNetworkConfig
+
+    checkpoint = run.checkpoint or f"checkpoints/{run.run_name or tag}_lstm.pt"
+    name = run.run_name and f"{run.run_name}_whole"
+    if name is None:
+        settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "chunk_size"}
+        settings["checkpoint"] = _checkpoint_setting(run, f"checkpoints/{tag}_lstm.pt")
+        name = derive_name(f"{tag}_whole", settings, dataclasses.asdict(WholeNetworkConfig()))
+    paths = _paths(run, name, checkpoint)
+    paths["scores_dir"] = project_path(f"cache/whole_scores/{fingerprint(vars(config), checkpoint)[:12]}")
     return paths
 
 

@@ -1,35 +1,46 @@
 """Whole-network influence on the trained LSTM LM: every parameter tensor, Kronecker-factored and diagonal Fishers,
-every training sentence scored against preconditioned queries, and what the scores find, shown as text.
+an exact matrix-free reference, every training sentence scored, and what the scores find, shown as text.
 
-Stages (each timed, with the process's peak resident memory after it; long ones cached or resumable):
+Influence of training sentence i on query j: I_ij = -g_i^T (C + lambda I)^{-1} g_j (Koh & Liang 2017, eq. 2), g the
+gradient of a sentence's mean token NLL (nats/token) over all P parameters; the queries are the mean validation loss
+L_val = (1/n_val) sum_j l_j and ``n_test`` test sentences. Stages (each timed with its own peak memory; long ones
+cached or resumable):
 
-1. curvatures fitted on ``n_fit`` training sentences (:mod:`ifutils.curvature.network_kfac`): KFAC and EK-FAC with
-   true-Fisher labels (decoder in closed form, sampled labels elsewhere) and with data labels (empirical Fisher),
-   the diagonal true Fisher (sampled labels) and the diagonal EF, and the identity (gradient dot product, TracIn at
-   the last checkpoint);
-2. query gradients (:class:`~ifutils.network.NetworkGrads`): the gradient of the mean validation loss
-   L_val = (1/n_val) sum_j l_j (nats/token) as one query, and of ``n_test`` test sentences;
-3. preconditioned queries q = (C + lambda I)^{-1} g_query for every curvature C, one absolute damping lambda for all
-   (``alpha`` x the mean eigenvalue of EK-FAC, so that every curvature is damped alike);
-4. the influence I_iq = -g_i^T q of each of the first ``n_train`` training sentences (all 42,068 by default) on each
-   query, streamed to disk and resumable (:func:`ifutils.scoring.score_all`);
-5. agreement of every curvature's scores with those of the EK-FAC (true-Fisher labels): Spearman and Pearson over
-   training sentences per test query, mean over test queries with a percentile-bootstrap 95 % interval over test
-   queries, and top-k overlap; the validation query separately;
-6. the 10 most helpful (most negative I) and 10 most harmful (most positive I) training sentences, as text, for one
-   test sentence and for the validation query, per curvature;
-7. optionally the top of the whole-network spectrum (Lanczos lambda_max of the GGN and lambda_min/lambda_max of the
-   Hessian on the first ``lanczos_n`` fit sentences, :func:`ifutils.curvature.network_products.extreme_eigenvalues`).
+1. query gradients (:class:`~ifutils.network.NetworkGrads`);
+2. KFAC / EK-FAC factors with true-Fisher labels on ``n_fit`` training sentences (:mod:`ifutils.curvature.network_kfac`;
+   decoder in closed form, sampled labels elsewhere); damping lambda = ``alpha`` x EK-FAC's mean eigenvalue
+   (kronfluence's relative default), the same absolute lambda for every curvature;
+3. the full pass: every one of the first ``n_train`` training sentences (all 42,068 by default) scored against the
+   1 + n_test EK-FAC queries, streamed to disk and resumable (:func:`ifutils.scoring.score_all`), with nothing but
+   its queries in memory, so its time and peak memory are the scoring's own;
+4. the other curvatures on the same ``n_fit`` sentences: KFAC and EK-FAC with data labels (empirical Fisher), the
+   diagonal true Fisher (sampled labels) and the diagonal EF, and the identity (gradient dot product, TracIn at the
+   last checkpoint);
+5. the exact reference (:func:`exact_reference`): Lanczos extreme eigenvalues of the whole-network Hessian H and GGN
+   F on the ``n_fit`` sentences, and CG solves (C + lambda I)^{-1} g for C = F and C = H (where H + lambda I is
+   positive definite) at the absolute dampings ``exact_dampings``, for the validation query and the first
+   ``n_exact`` test queries, with every solve's iterations and true residual;
+6. the agreement set, the first ``n_agree`` training sentences, scored by every curvature at the default damping
+   (every query) and at each damping of ``damping_grid`` (the exact queries), and by the exact references, in
+   passes of at most ``pass_gib`` GiB of queries;
+7. agreement: Spearman and Pearson over training sentences per test query and top-k overlap, means over test queries
+   with percentile-bootstrap 95 % intervals over them; against EK-FAC at the default damping, and against each exact
+   reference at its damping and at each curvature's best damping of the grid; the validation query separately;
+8. the 10 most helpful (most negative I) and 10 most harmful (most positive I) sentences, as text, for one test
+   sentence and for the validation query: every curvature side by side on the agreement set, EK-FAC on all of them.
 
-EK-FAC is the reference here only because it is the most faithful curvature of this pass; the matrix-free exact
-reference (CG on the whole-network Hessian and GGN) is a separate, costlier stage.
+Why the exact reference is not at the default damping: CG needs about sqrt(kappa) iterations, kappa =
+(lambda_max + lambda) / lambda; with lambda_max ~ 0.7 (Lanczos) and the default lambda ~ 1e-6 that is ~800 products
+of the whole network per column, against ~10-40 at lambda = 1e-2.
 """
+
 
 from __future__ import annotations
 
 import json
 import resource
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,6 +51,7 @@ from scipy import stats
 from ..cache import ChunkCache
 from ..config import param, validate_fields
 from ..curvature.base import IdentityCurvature
+from ..curvature.inverse import SolverWarning
 from ..curvature.labels import label
 from ..curvature.network_kfac import (
     diagonal_fisher,
@@ -61,31 +73,73 @@ class WholeNetworkConfig:
 
     n_fit: int = param(200, "training sentences the curvatures are fitted on (seeded draw)")
     mc_samples: int = param(1, "label draws per position for the true-Fisher factors and the diagonal true Fisher")
-    n_test: int = param(20, "test sentences whose loss is explained (seeded draw)")
+    n_test: int = param(100, "test sentences whose loss is explained (seeded draw)")
     n_valid: int | None = param(None, "validation sentences of the mean-validation-loss query; None: all")
-    n_train: int | None = param(None, "training sentences scored (the first n_train); None: all")
+    n_train: int | None = param(None, "training sentences scored under EK-FAC (the first n_train); None: all")
+    n_agree: int = param(5000, "the first n_agree training sentences are scored by every curvature (agreement set)")
+    n_exact: int = param(10, "test queries (the first n_exact of n_test) solved exactly, with the validation query")
+    exact_curvatures: tuple[str, ...] = param(("F", "H"), "exact references by CG: 'F' (GGN) and/or 'H' (Hessian)")
+    exact_dampings: tuple[float, ...] = param((1e-2,), "absolute dampings of the exact CG references")
+    damping_grid: tuple[float, ...] = param((1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
+                                            "absolute dampings at which every curvature is also scored")
+    cg_tol: float = param(1e-4, "CG stops at this relative residual")
+    cg_max_iter: int = param(400, "CG products per column at most")
+    lanczos_tol: float = param(1e-2, "ARPACK's relative accuracy of the extreme eigenvalues")
+    pass_gib: float = param(6.0, "GiB of float32 preconditioned queries per agreement scoring pass")
     alpha: float = param(0.1, "damping lambda = alpha x EK-FAC's mean eigenvalue, the same absolute lambda for all")
     top_k: int = param(100, "size of the top sets whose overlap with EK-FAC's is reported")
     shown: int = param(10, "most helpful / most harmful sentences shown as text")
     chunk_size: int = param(32, "sentences per chunk (fitting, query gradients, scoring)")
-    lanczos_n: int = param(0, "fit sentences of the Lanczos spectrum estimate; 0: skip it")
-    lanczos_matvecs: int = param(40, "curvature-vector products per Lanczos run")
+    lanczos_matvecs: int = param(100, "curvature-vector products per Lanczos run at most")
     seed: int = param(0, "seeds the sentence draws and the sampled labels")
 
     def __post_init__(self):
         validate_fields(self)
-        for name in ("n_fit", "mc_samples", "n_test", "top_k", "shown", "chunk_size", "lanczos_matvecs"):
+        for name in ("n_fit", "mc_samples", "n_test", "top_k", "shown", "chunk_size", "lanczos_matvecs", "n_agree",
+                     "cg_max_iter"):
             if getattr(self, name) < 1:
                 raise ValueError(f"WholeNetworkConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not self.alpha > 0:
             raise ValueError(f"WholeNetworkConfig.alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.n_exact <= self.n_test:
+            raise ValueError(f"WholeNetworkConfig.n_exact must be in [0, n_test={self.n_test}], got {self.n_exact}")
+        if unknown := [c for c in self.exact_curvatures if c not in ("F", "H")]:
+            raise ValueError(f"WholeNetworkConfig.exact_curvatures takes 'F' and 'H', got {unknown}")
+        if any(not d > 0 for d in (*self.exact_dampings, *self.damping_grid)):
+            raise ValueError("every exact damping and grid damping must be > 0")
+        if self.exact_curvatures and not set(self.exact_dampings) <= set(self.damping_grid):
+            raise ValueError(f"exact_dampings {self.exact_dampings} must be in damping_grid {self.damping_grid}, "
+                             f"so that every curvature is scored at the reference's damping")
+        if not (self.cg_tol > 0 and self.lanczos_tol > 0 and self.pass_gib > 0):
+            raise ValueError("cg_tol, lanczos_tol and pass_gib must be > 0")
 
 
 REFERENCE = "ekfac"
 
 
+def _reset_peak() -> bool:
+    """Reset the kernel's record of this process's peak resident memory (Linux: ``5 > /proc/self/clear_refs``)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_mib() -> float | None:
+    """VmHWM, the peak resident memory since the last reset (MiB); None where /proc is absent."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
 class Stages:
-    """Wall seconds and peak resident memory (MiB, of the whole process so far) after each named stage."""
+    """Wall seconds and peak resident memory of each named stage: ``stage_peak_mib``, the peak during the stage alone
+    (Linux, where the peak can be reset at its start), and ``peak_rss_mib``, the whole process's so far."""
 
     def __init__(self):
         self.records: dict[str, dict] = {}
@@ -96,13 +150,16 @@ class Stages:
         class _Timed:
             def __enter__(self):
                 print(f"[stage] {name} ...", flush=True)
+                self.reset = _reset_peak()
                 self.start = time.perf_counter()
 
             def __exit__(self, *exc):
                 seconds = time.perf_counter() - self.start
                 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-                stages.records[name] = {"seconds": seconds, "peak_rss_mib": peak}
-                print(f"[stage] {name} done in {seconds:.1f} s (peak memory {peak:.0f} MiB)", flush=True)
+                stage_peak = _peak_mib() if self.reset else None
+                stages.records[name] = {"seconds": seconds, "peak_rss_mib": peak, "stage_peak_mib": stage_peak}
+                shown = f"{stage_peak:.0f} MiB in the stage" if stage_peak is not None else f"{peak:.0f} MiB"
+                print(f"[stage] {name} done in {seconds:.1f} s (peak memory {shown})", flush=True)
 
         return _Timed()
 
@@ -169,6 +226,116 @@ def top_sentences(scores: np.ndarray, column: int, sentences: list[torch.Tensor]
     return {"helpful": pick(order[:shown]), "harmful": pick(order[::-1][:shown])}
 
 
+def _fit_set(corpus, config):
+    from ..curvature.network_kfac import _fit_sentences
+
+    return _fit_sentences(corpus.splits["train"], config.n_fit, config.seed)
+
+
+def precondition(curvature, grads: torch.Tensor, damping: float, block: int = 32) -> torch.Tensor:
+    """(Q, P) float32 q = (C + damping I)^{-1} g for the (Q, P) query gradients, ``block`` columns at a time (the
+    float64 solve of all Q at once would hold 2 x Q x P x 8 bytes)."""
+    out = torch.empty(grads.shape, dtype=torch.float32)
+    for start in range(0, len(grads), block):
+        out[start : start + block] = curvature.solve(grads[start : start + block].T.double(), damping).T.float()
+    return out
+
+
+def exact_reference(model, fit, eos: int, queries: torch.Tensor, config: WholeNetworkConfig, stages,
+                    cache_dir=None) -> tuple[dict, dict]:
+    """The matrix-free exact reference (issue 14, item 3) on the ``fit`` sentences.
+
+    Lanczos extreme eigenvalues of H (largest and smallest) and of the GGN F (largest), then for each curvature of
+    ``config.exact_curvatures`` and each damping of ``config.exact_dampings``: CG solves (C + lambda I) x = g of the
+    validation query and the first ``n_exact`` test queries, one column at a time (each column cached, so a killed
+    run resumes at the next column), each with its CG iterations and its true relative residual. H is solved only
+    at dampings where H + lambda I is positive definite by the Lanczos estimate (CG's assumption); the others are
+    recorded as skipped.
+
+    Returns:
+        ({(curvature key, damping): (1 + n_exact, P) float32 solutions}, results section dict).
+    """
+    from ..cache import ChunkCache
+    from ..curvature.network_products import NetworkOperator, NetworkOperatorCurvature, extreme_eigenvalues
+    from ..curvature.estimators import CurvatureProducts, lanczos_extreme
+
+    params = dict(model.named_parameters())
+    cache = (ChunkCache(cache_dir, {"stage": "whole-network exact reference", "n_fit": config.n_fit,
+                                    "seed": config.seed, "cg_tol": config.cg_tol, "cg_max_iter": config.cg_max_iter,
+                                    "lanczos_tol": config.lanczos_tol, "lanczos_matvecs": config.lanczos_matvecs},
+                        params, fit, code=("ifutils.curvature.network_products", "ifutils.curvature.inverse"))
+             if cache_dir is not None else None)
+    products = CurvatureProducts(model, fit, eos)
+    ops = {"H": NetworkOperator(products, "H", block=1, vectorize=False),
+           "F": NetworkOperator(products, "F", block=1, vectorize=False)}
+    ref = next(model.parameters())
+    spectrum = cache.get("spectrum") if cache is not None else None
+    if spectrum is None:
+        with stages("Lanczos extreme eigenvalues (H: largest and smallest; GGN: largest)"):
+            h = extreme_eigenvalues(ops["H"], products.p, ref.dtype, ref.device, tol=config.lanczos_tol,
+                                    max_matvecs=config.lanczos_matvecs, seed=config.seed,
+                                    dampings=config.exact_dampings)
+            f = lanczos_extreme(ops["F"], products.p, "LA", ref.dtype, ref.device, config.lanczos_tol,
+                                config.lanczos_matvecs, config.seed)
+        spectrum = {"H": h, "F": {"lambda_max": f["value"], "lambda_max_converged": f["converged"],
+                                  "matvecs": f["matvecs"]}}
+        if cache is not None:
+            cache.put("spectrum", spectrum)
+    section = {"n_fit": len(fit), "tokens": int(sum(len(s) for s in fit)), "spectrum": spectrum, "solves": []}
+    names = {"F": "ggn", "H": "hessian_cg"}
+    solutions = {}
+    rhs = queries[: 1 + config.n_exact]
+    for damping in config.exact_dampings:  # damping-major: the cheaper (larger) dampings first
+        for curvature in config.exact_curvatures:
+            key = (names[curvature], float(damping))
+            if curvature == "H" and not spectrum["H"]["dampings"][repr(float(damping))]["positive_definite"]:
+                section["solves"].append({"curvature": names[curvature], "damping": damping, "skipped":
+                                          f"H + lambda I is not positive definite (lambda_min(H) = "
+                                          f"{spectrum['H']['lambda_min']:.3g})"})
+                continue
+            solver = NetworkOperatorCurvature(ops[curvature], "cg", name=names[curvature], trace=1.0,
+                                              tol=config.cg_tol, max_iter=config.cg_max_iter)
+            cols = []
+            with stages(f"exact reference: CG on {names[curvature]} at lambda = {damping:g} ({len(rhs)} columns)"):
+                for j in progress(range(len(rhs)), desc=f"CG {names[curvature]} lambda={damping:g}", unit="column"):
+                    tag = f"cg_{curvature}_{damping!r}_{j}"
+                    stored = cache.get(tag) if cache is not None else None
+                    if stored is None:
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore", SolverWarning)
+                            x = solver.solve(rhs[j].double(), float(damping))
+                        rec = solver.last_info
+                        stored = {"x": x.float().cpu(), "iterations": rec["iterations"],
+                                  "relative_residual": rec["max_relative_residual"], "seconds": rec["seconds"],
+                                  "converged": bool(rec["solver_info"]["converged"][0])}
+                        if cache is not None:
+                            cache.put(tag, stored)
+                    cols.append(stored)
+            solutions[key] = torch.stack([c["x"] for c in cols])
+            section["solves"].append({
+                "curvature": names[curvature], "damping": damping, "columns": len(cols),
+                "iterations": [int(c["iterations"]) for c in cols],
+                "relative_residual": [float(c["relative_residual"]) for c in cols],
+                "converged": [bool(c["converged"]) for c in cols],
+                "seconds": [float(c["seconds"]) for c in cols]})
+    return solutions, section
+
+
+def _passes(columns: list, p: int, gib: float) -> list[list]:
+    """Split the (key, damping, (Q, P) tensor or callable) query blocks into passes of at most ``gib`` GiB of
+    float32 queries each (a block is never split)."""
+    limit = max(1, int(gib * 2**30 // (4 * p)))
+    out, size = [[]], 0
+    for block in columns:
+        q = block[3]
+        if out[-1] and size + q > limit:
+            out.append([])
+            size = 0
+        out[-1].append(block)
+        size += q
+    return out
+
+
 def whole_network_study(model, corpus, config: WholeNetworkConfig, checkpoint, out: str | Path,
                         scores_root: str | Path = "cache/whole_scores", cache_dir: str | Path | None = "cache") -> dict:
     """Run every stage of the module docstring and write the results to ``out`` (JSON, atomically).
@@ -176,26 +343,55 @@ def whole_network_study(model, corpus, config: WholeNetworkConfig, checkpoint, o
     Args:
         model: the trained LSTMLM (eval mode is set here). corpus: its :class:`~ifutils.data.Corpus`.
         checkpoint: the checkpoint path (recorded with its sha256). out: the results file.
-        scores_root: the resumable score directory (one (n_train, curvatures x queries) array).
-        cache_dir: cache of the factor fits and query gradients (None: off).
+        scores_root: the resumable score directories (``full/``: EK-FAC on all n_train sentences;
+            ``agree<k>/``: pass k of the agreement set).
+        cache_dir: cache of the factor fits, query gradients and exact solves (None: off).
     Returns:
         the results dict written.
     """
+    import gc
+
     model = model.eval()
     eos = corpus.vocab.stoi["<eos>"]
     train = corpus.splits["train"][: config.n_train] if config.n_train else corpus.splits["train"]
+    agree_set = train[: config.n_agree]
     g = torch.Generator().manual_seed(config.seed)
     test_idx = torch.randperm(len(corpus.splits["test"]), generator=g)[: config.n_test].tolist()
     test = [corpus.splits["test"][i] for i in test_idx]
     valid = corpus.splits["valid"][: config.n_valid] if config.n_valid else corpus.splits["valid"]
     stages, net = Stages(), NetworkGrads(model, eos)
     fit_args = dict(n_fit=config.n_fit, chunk_size=config.chunk_size, seed=config.seed, cache_dir=cache_dir)
-    curvatures = {}
-    for labels in ("model", "data"):
-        with stages(f"KFAC + EK-FAC factors ({labels} labels)"):
+    root = Path(scores_root)
+    results = {"config": asdict(config), "P": net.p, "n_train": len(train), "n_agree": len(agree_set),
+               "n_valid": len(valid), "test_indices": test_idx, "curvatures": {}, "stages": stages.records}
+    with stages("query gradients"):
+        queries = query_gradients(net, valid, test, config.chunk_size, cache_dir)
+
+    def fit(labels, again=""):
+        with stages(f"KFAC + EK-FAC factors ({labels} labels{again})"):
             factors = fit_network_kfac(model, corpus.splits["train"], eos, labels=labels,
                                        mc_samples=config.mc_samples, **fit_args)
-        for c in (ekfac_network_curvature(factors), kfac_network_curvature(factors)):
+        return ekfac_network_curvature(factors), kfac_network_curvature(factors)
+
+    # 1. every training sentence under EK-FAC (true-Fisher labels) at the default damping: the full pass, run with
+    # nothing else in memory but its queries, so that its peak memory is the scoring's own
+    reference = fit("model")[0]
+    damping = config.alpha * reference.mean_eigenvalue()
+    results["damping"] = damping
+    with stages(f"precondition (ekfac, {len(queries)} queries)"):
+        full_q = precondition(reference, queries, damping)
+    del reference
+    gc.collect()
+    with stages(f"score all {len(train)} training sentences (ekfac x {len(queries)} queries)"):
+        full = score_all(model, train, eos, full_q, root / "full", chunk_size=config.chunk_size)
+    del full_q
+    gc.collect()
+    full = np.asarray(full)
+
+    # 2. every curvature, and the exact reference, on the agreement set
+    curvatures = {}
+    for labels in ("model", "data"):
+        for c in fit(labels, ", again" if labels == "model" else ""):  # "again": read back from the cache
             curvatures[c.name] = c
     for labels in ("model", "data"):
         with stages(f"diagonal Fisher ({labels} labels)"):
@@ -203,48 +399,70 @@ def whole_network_study(model, corpus, config: WholeNetworkConfig, checkpoint, o
                                 **fit_args)
         curvatures[c.name] = c
     curvatures["identity"] = IdentityCurvature(net.p, "identity")
-    damping = config.alpha * curvatures[REFERENCE].mean_eigenvalue()
-    with stages("query gradients"):
-        queries = query_gradients(net, valid, test, config.chunk_size, cache_dir)
-    results = {"config": asdict(config), "P": net.p, "n_train": len(train), "n_valid": len(valid),
-               "test_indices": test_idx, "damping": damping, "curvatures": {}, "stages": stages.records}
-    blocks = []
     for key, c in curvatures.items():
-        with stages(f"precondition ({key})"):
-            blocks.append(c.solve(queries.T.double(), damping).T.float().contiguous())
-        mean = c.mean_eigenvalue() if key != "identity" else 1.0
-        results["curvatures"][key] = {"label": label(key), "mean_eigenvalue": mean, "bytes": c.nbytes}
-    # one pass over the training sentences scores every curvature's queries: the per-sample gradients are formed
-    # once, and each curvature adds (1 + n_test) columns to the product with them
-    with stages(f"score {len(train)} training sentences ({len(blocks)} curvatures x {len(queries)} queries)"):
-        arr = score_all(model, train, eos, torch.cat(blocks), Path(scores_root), chunk_size=config.chunk_size)
-    width = len(queries)
-    scores = {key: np.asarray(arr[:, k * width : (k + 1) * width]) for k, key in enumerate(curvatures)}
-    results["scores"] = {"dir": str(scores_root), "columns": [f"{key}:{q}" for key in curvatures
-                                                           for q in ["validation"] + [f"test{i}" for i in test_idx]]}
-    for key in curvatures:
+        results["curvatures"][key] = {"label": label(key), "bytes": c.nbytes,
+                                      "mean_eigenvalue": c.mean_eigenvalue() if key != "identity" else 1.0}
+    n_sub = 1 + config.n_exact
+    exact, results["exact"] = ({}, None)
+    if config.exact_curvatures:
+        exact, results["exact"] = exact_reference(model, _fit_set(corpus, config), eos, queries, config, stages,
+                                                  cache_dir)
+    grid = [damping] + [float(d) for d in config.damping_grid]
+    blocks = [(key, damping, None, len(queries)) for key in curvatures]  # every query at the default damping
+    blocks += [(key, d, None, n_sub) for key in curvatures for d in grid[1:]]
+    blocks += [(key, d, x, len(x)) for (key, d), x in exact.items()]
+    scores = {}
+    for k, group in enumerate(_passes(blocks, net.p, config.pass_gib)):
+        with stages(f"agreement pass {k}: {len(agree_set)} sentences x {sum(b[3] for b in group)} queries"):
+            qs = torch.cat([x if x is not None else precondition(curvatures[key], queries[:width], d)
+                            for key, d, x, width in group])
+            arr = np.asarray(score_all(model, agree_set, eos, qs, root / f"agree{k}", chunk_size=config.chunk_size))
+            del qs
+            start = 0
+            for key, d, _, width in group:
+                scores[(key, d)] = arr[:, start : start + width].copy()
+                start += width
+    del curvatures
+    gc.collect()
+    results["full_scores"] = {"dir": str(root / "full"), "curvature": REFERENCE, "damping": damping,
+                              "columns": ["validation"] + [f"test{i}" for i in test_idx]}
+    # agreement with EK-FAC at the default damping (every test query), and with each exact reference (its queries),
+    # at the reference's damping and at the curvature's best damping of the grid
+    for key in results["curvatures"]:
         results["curvatures"][key]["agreement_with_ekfac"] = agreement_with_reference(
-            scores[key], scores[REFERENCE], config.top_k, config.seed)
+            scores[(key, damping)], scores[(REFERENCE, damping)], config.top_k, config.seed)
+    results["agreement_with_exact"] = {}
+    for (ref_key, ref_d) in exact:
+        truth = scores[(ref_key, ref_d)]
+        table = {}
+        for key in dict.fromkeys(list(results["curvatures"]) + [k for k, _ in exact if k != ref_key]):
+            per = {}
+            for d in grid:
+                if (key, d) in scores:
+                    per[repr(d)] = agreement_with_reference(scores[(key, d)][:, :n_sub], truth, config.top_k,
+                                                            config.seed)
+            if not per:
+                continue
+            best = max(per, key=lambda d: per[d]["spearman"]["mean"])
+            same = per.get(repr(ref_d))
+            table[key] = {"label": label(key), "by_damping": per, "best_damping": float(best),
+                          "at_reference_damping": same, "at_best_damping": per[best]}
+        results["agreement_with_exact"][f"{ref_key}@{ref_d:g}"] = {"curvature": ref_key, "damping": ref_d,
+                                                                   "table": table}
     shown_test = 1  # the first test query
+    by = {k: top_sentences(scores[(k, damping)], shown_test, agree_set, corpus.vocab, config.shown)
+          for k in results["curvatures"]}
+    by.update({f"{k}@{d:g}": top_sentences(scores[(k, d)], shown_test, agree_set, corpus.vocab, config.shown)
+               for k, d in exact})
     results["top_sentences"] = {
-        "test_sentence": {"index": test_idx[0], "text": _sentence_text(corpus.vocab, test[0]),
-                          "by_curvature": {k: top_sentences(s, shown_test, train, corpus.vocab, config.shown)
-                                           for k, s in scores.items()}},
-        "validation": {k: top_sentences(s, 0, train, corpus.vocab, config.shown) for k, s in scores.items()},
+        "pool": f"the first {len(agree_set)} training sentences",
+        "test_sentence": {"index": test_idx[0], "text": _sentence_text(corpus.vocab, test[0]), "by_curvature": by},
+        "validation": {k: top_sentences(scores[(k, damping)], 0, agree_set, corpus.vocab, config.shown)
+                       for k in results["curvatures"]},
+        "all_training_sentences": {"pool": f"all {len(train)} training sentences", "curvature": REFERENCE,
+                                   "test_sentence": top_sentences(full, shown_test, train, corpus.vocab, config.shown),
+                                   "validation": top_sentences(full, 0, train, corpus.vocab, config.shown)},
     }
-    if config.lanczos_n:
-        from ..curvature.network_products import extreme_eigenvalues, network_operator
-
-        fit = corpus.splits["train"][: config.lanczos_n]
-        spectrum = {}
-        for name in ("F", "H"):
-            with stages(f"Lanczos ({name})"):
-                op = network_operator(model, fit, eos, name)
-                ref = next(model.parameters())
-                spectrum[name] = extreme_eigenvalues(op, net.p, ref.dtype, ref.device, tol=1e-3,
-                                                     max_matvecs=config.lanczos_matvecs, seed=config.seed,
-                                                     dampings=(damping,))
-        results["spectrum"] = {"n": len(fit), **spectrum}
     results["stages"] = stages.records
     results["provenance"] = {"checkpoint": checkpoint_record(checkpoint)}
     results["environment"] = environment()
@@ -253,21 +471,86 @@ def whole_network_study(model, corpus, config: WholeNetworkConfig, checkpoint, o
 
 
 def format_whole_network(results: dict) -> str:
-    """Markdown: the agreement table and the top sentences of the test query under each curvature."""
-    lines = [f"P = {results['P']:,} parameters; {results['n_train']:,} training sentences scored against the mean "
-             f"validation loss ({results['n_valid']} sentences) and {len(results['test_indices'])} test sentences; "
-             f"damping lambda = {results['damping']:.3g} for every curvature.", "",
-             "| curvature | Spearman with EK-FAC [95% CI] | Pearson | top-k harmful / helpful overlap | validation query "
-             "Spearman | held bytes |", "|---|---|---|---|---|---|"]
+    """Markdown: the exact-reference tables (extreme eigenvalues, solves, agreement), the agreement with EK-FAC, the
+    timings, and the top sentences of the test query under each curvature."""
+    lines = [f"P = {results['P']:,} parameters; queries: the mean validation loss ({results['n_valid']} sentences) and "
+             f"{len(results['test_indices'])} test sentences; default damping lambda = {results['damping']:.3g} "
+             f"(alpha x EK-FAC's mean eigenvalue) for every curvature."]
+    if "n_agree" not in results:  # the first pass of the study (agreement with EK-FAC only)
+        lines += [f"{results['n_train']:,} training sentences scored.", ""]
+    else:
+        lines += ["", f"**Every training sentence.** All {results['n_train']:,} training sentences scored under EK-FAC "
+                  f"against the {len(results['test_indices']) + 1} queries (`{results['full_scores']['dir']}`):"]
+        for name, r in results["stages"].items():
+            if name.startswith("score all"):
+                lines.append(f"{r['seconds']:.0f} s, peak memory {(r.get('stage_peak_mib') or r['peak_rss_mib']) / 1024:.2f} "
+                             f"GiB during the stage ({name}).")
+    exact = results.get("exact")
+    if exact:
+        h, f = exact["spectrum"]["H"], exact["spectrum"]["F"]
+        lines += ["", f"**Exact reference** on the {exact['n_fit']} fit sentences ({exact['tokens']:,} tokens), "
+                  f"Lanczos: lambda_max(H) = {h['lambda_max']:.4g}, lambda_min(H) = {h['lambda_min']:.3g} "
+                  f"(H + lambda I positive definite for lambda > {max(0.0, -h['lambda_min']):.3g}; converged: "
+                  f"{h['lambda_max_converged']}/{h['lambda_min_converged']}, {h['matvecs']['LA']}+{h['matvecs']['SA']} "
+                  f"products), lambda_max(GGN) = {f['lambda_max']:.4g} ({f['matvecs']} products).", "",
+                  "| solve | lambda | columns | CG iterations (min-max) | max relative residual | seconds per column |",
+                  "|---|---|---|---|---|---|"]
+        for sv in exact["solves"]:
+            if "skipped" in sv:
+                lines.append(f"| {label(sv['curvature'])} | {sv['damping']:g} | skipped: {sv['skipped']} | | | |")
+            else:
+                lines.append(f"| {label(sv['curvature'])} | {sv['damping']:g} | {sv['columns']} | "
+                             f"{min(sv['iterations'])}-{max(sv['iterations'])} | {max(sv['relative_residual']):.1e} | "
+                             f"{np.mean(sv['seconds']):.0f} |")
+        for name, ref in results["agreement_with_exact"].items():
+            lines += ["", f"Agreement with the exact {label(ref['curvature'])} at lambda = {ref['damping']:g} over the "
+                      f"first {results['n_agree']:,} training sentences, mean over {results['config']['n_exact']} test "
+                      f"queries [95% CI]:", "",
+                      "| curvature | Spearman at lambda = ref. | Spearman at best lambda (which) | Pearson at best | "
+                      "top-k harmful / helpful at best | validation query Spearman at best |", "|---|---|---|---|---|---|"]
+            for key, r in ref["table"].items():
+                same, best = r["at_reference_damping"], r["at_best_damping"]
+                fmt = lambda a: f"{a['spearman']['mean']:.3f} [{a['spearman']['ci'][0]:.3f}, {a['spearman']['ci'][1]:.3f}]"  # noqa: E731
+                lines.append(f"| {r['label']} | {fmt(same) if same else '-'} | {fmt(best)} ({r['best_damping']:.2g}) | "
+                             f"{best['pearson']['mean']:.3f} | {best['top_k_harmful']['mean']:.2f} / "
+                             f"{best['top_k_helpful']['mean']:.2f} | {best['validation']['spearman']:.3f} |")
+    pool = results.get("n_agree", results["n_train"])
+    lines += ["", f"Agreement with EK-FAC (true-Fisher labels) at the default damping over {pool:,} training sentences:",
+              "", "| curvature | Spearman with EK-FAC [95% CI] | Pearson | top-k harmful / helpful overlap | validation "
+              "query Spearman | held bytes |", "|---|---|---|---|---|---|"]
     for key, r in results["curvatures"].items():
         a = r["agreement_with_ekfac"]
         lines.append(f"| {r['label']} | {a['spearman']['mean']:.3f} [{a['spearman']['ci'][0]:.3f}, "
                      f"{a['spearman']['ci'][1]:.3f}] | {a['pearson']['mean']:.3f} | {a['top_k_harmful']['mean']:.2f} / "
                      f"{a['top_k_helpful']['mean']:.2f} | {a['validation']['spearman']:.3f} | {r['bytes'] / 2**20:,.0f} MiB |")
     top = results["top_sentences"]["test_sentence"]
-    lines += ["", f"Test sentence {top['index']}: \"{top['text']}\"", ""]
+    lines += ["", f"Test sentence {top['index']}: \"{top['text']}\" ({results['top_sentences'].get('pool', 'scored sentences')})", ""]
     for key, t in top["by_curvature"].items():
-        lines.append(f"**{label(key)}**: most helpful: " + "; ".join(
+        name = label(key.split("@")[0]) + (f" at lambda = {key.split('@')[1]}" if "@" in key else "")
+        lines.append(f"**{name}**: most helpful: " + "; ".join(
             f"\"{s['text']}\" ({s['influence']:+.2e})" for s in t["helpful"][:3]) + " ... most harmful: " + "; ".join(
             f"\"{s['text']}\" ({s['influence']:+.2e})" for s in t["harmful"][:3]))
+    every = results["top_sentences"].get("all_training_sentences")
+    if every:
+        lines += ["", f"EK-FAC over {every['pool']}, the 10 most helpful and most harmful for the same test sentence:", "",
+                  "| rank | most helpful | influence | most harmful | influence |", "|---|---|---|---|---|"]
+        for k, (a, b) in enumerate(zip(every["test_sentence"]["helpful"], every["test_sentence"]["harmful"]), 1):
+            lines.append(f"| {k} | {a['text']} | {a['influence']:+.2e} | {b['text']} | {b['influence']:+.2e} |")
+    return "\n".join(lines)
+
+
+def side_by_side(results: dict, query: str = "test_sentence", kind: str = "harmful", keys=None, width: int = 60) -> str:
+    """Markdown: the ``shown`` most harmful (or helpful) training sentences of one query (``"test_sentence"`` or
+    ``"validation"``), one column per curvature (``keys``, default all), rank by rank, text cut to ``width`` chars."""
+    if kind not in ("harmful", "helpful"):
+        raise ValueError(f"kind must be 'harmful' or 'helpful', got {kind!r}")
+    top = results["top_sentences"][query]
+    table = top["by_curvature"] if query == "test_sentence" else top
+    keys = list(table) if keys is None else list(keys)
+    name = lambda k: label(k.split("@")[0]) + (f" (lambda = {k.split('@')[1]})" if "@" in k else "")  # noqa: E731
+    cut = lambda t: t if len(t) <= width else t[: width - 3] + "..."  # noqa: E731
+    lines = ["| rank | " + " | ".join(name(k) for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for r in range(len(table[keys[0]][kind])):
+        cells = [f"{cut(table[k][kind][r]['text'])} ({table[k][kind][r]['influence']:+.1e})" for k in keys]
+        lines.append(f"| {r + 1} | " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines)

@@ -1,0 +1,239 @@
+"""Many small models retrained from scratch on chosen training sentences, each its own resumable unit.
+
+The ground truth of the linear datamodeling score (Park et al. 2023, TRAK, sec. 2) and of counterfactual removals
+(Ilyas et al. 2022) is the loss of held-out sentences under models retrained from scratch on subsets of the
+training data. This module is the trainer for them:
+
+* :class:`RetrainSpec`: the small configuration (model widths, the first ``n_train`` PTB training sentences,
+  optimisation, epochs) that every unit shares;
+* :func:`random_subsets`: the M seeded random subsets of fraction beta (TRAK's alpha-subsets);
+* :func:`train_unit`: train one unit (a list of training indices and a seed) with
+  :func:`ifutils.train.train_language_model` (which checkpoints after every epoch and resumes from the last
+  finished one), then measure the loss of every validation sentence under it and write ``record.json``; a unit
+  whose record exists is skipped;
+* :func:`run_units`: train a list of units in order, or the share ``shard = (i, k)`` of them (unit j goes to
+  shard j mod k), so that k processes can run side by side, one per core.
+
+A unit's directory holds ``model.pt`` (weights, optimiser and RNG state after the last finished epoch) and, when it
+is finished, ``record.json`` (written last, atomically): the training indices' fingerprint, the seed, the epochs'
+history, and ``valid_losses``, the mean token NLL (nats/token) of each validation sentence in split order, and
+``valid_mean``, the validation NLL per token over all tokens (log perplexity). Queries are chosen from these later:
+every validation sentence's loss is kept, so the query set can change without retraining.
+
+Determinism: a unit's training is seeded (initialisation, batch order and dropout), so a unit resumed after a kill
+gives the same weights as an uninterrupted one on the same machine and thread count (tests/test_retrain.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .cache import fingerprint
+from .config import param, require_positive, validate_fields
+from .data import Corpus, bucket_batches, make_batch
+from .io import atomic_write
+from .model import ModelConfig, sentence_loss
+from .progress import log, progress
+from .train import TrainConfig, train_language_model
+
+__all__ = ["RECORD_FILE", "MODEL_FILE", "RetrainSpec", "Unit", "random_subsets", "select_train", "sentence_losses",
+           "train_unit", "run_units", "load_records"]
+
+RECORD_FILE, MODEL_FILE = "record.json", "model.pt"
+
+
+@dataclass
+class RetrainSpec:
+    """The small configuration every retrained model shares (defaults: the LDS study's, issue 15).
+
+    A 2-core CPU retrains it many times: about 1.4 minutes per model on 5,000 sentences on one core (measured in
+    ``experiments/README.md``). ``epochs`` is chosen once by validation perplexity of the model trained on all
+    ``n_train`` sentences (``experiments/lds.py --choose-epochs``), never by the test split.
+    """
+
+    n_train: int = param(10000, "the full data set is the first n_train PTB training sentences")
+    emb_dim: int = param(128, "embedding width E")
+    hidden: int = param(128, "LSTM width H")
+    dropout: float = param(0.25, "dropout during training")
+    epochs: int = param(4, "training epochs of every model (chosen by validation on the full-data model)")
+    batch_size: int = param(32, "sentences per batch")
+    lr: float = param(2e-3, "Adam learning rate (halved after an epoch without validation improvement)")
+    threads: int = param(1, "torch threads per training process (1: two processes side by side on 2 cores)")
+
+    def __post_init__(self):
+        validate_fields(self)
+        require_positive(self, "n_train", "emb_dim", "hidden", "epochs", "batch_size", "threads")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"RetrainSpec.dropout must be in [0, 1), got {self.dropout}")
+        if not self.lr > 0:
+            raise ValueError(f"RetrainSpec.lr must be > 0, got {self.lr}")
+
+    def identity(self) -> dict:
+        """The fields that change the trained weights (all but ``threads``), as a dict."""
+        return {k: v for k, v in asdict(self).items() if k != "threads"}
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        """The :class:`~ifutils.model.ModelConfig` of every unit (one LSTM layer)."""
+        return ModelConfig(vocab_size=vocab_size, emb_dim=self.emb_dim, hidden=self.hidden, num_layers=1,
+                           dropout=self.dropout)
+
+    def train_config(self, seed: int, epochs: int | None = None) -> TrainConfig:
+        """The :class:`~ifutils.train.TrainConfig` of a unit with this seed (``epochs`` overrides the spec's)."""
+        return TrainConfig(epochs=epochs or self.epochs, batch_size=self.batch_size, lr=self.lr, seed=seed)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One model to train: ``name`` (its directory), the indices into ``train[:n_train]`` it trains on, a seed."""
+
+    name: str
+    indices: tuple[int, ...]
+    seed: int
+
+
+def random_subsets(n: int, m: int, beta: float, seed: int = 0) -> list[np.ndarray]:
+    """M subsets of round(beta n) distinct indices of range(n), each uniformly at random (TRAK's alpha = beta).
+
+    Args:
+        n: training set size. m: number of subsets, >= 1. beta: fraction kept, in (0, 1). seed: numpy seed.
+    Returns:
+        list of m sorted int64 arrays.
+    Raises:
+        ValueError: n or m < 1, beta outside (0, 1), or round(beta n) = 0.
+    """
+    if n < 1 or m < 1:
+        raise ValueError(f"n and m must be >= 1, got n={n}, m={m}")
+    if not 0 < beta < 1:
+        raise ValueError(f"beta must be in (0, 1), got {beta}")
+    size = round(beta * n)
+    if size == 0:
+        raise ValueError(f"beta={beta} of n={n} keeps no sentence; raise beta or n")
+    rng = np.random.default_rng(seed)
+    return [np.sort(rng.choice(n, size=size, replace=False)) for _ in range(m)]
+
+
+def select_train(corpus: Corpus, n_train: int, indices: Sequence[int]) -> Corpus:
+    """A copy of ``corpus`` whose train split is ``[train[i] for i in indices]`` (indices into train[:n_train]).
+
+    The name records n_train, the count and a fingerprint of the indices; the trainer stores it in the checkpoint,
+    and a checkpoint of another selection is refused on resume (:func:`ifutils.io.check_corpus`).
+
+    Raises:
+        ValueError: n_train larger than the split, no indices, or an index repeated or outside [0, n_train).
+    """
+    train = corpus.splits["train"]
+    if not 1 <= n_train <= len(train):
+        raise ValueError(f"n_train={n_train} must be in [1, {len(train)}] (the train split's size)")
+    idx = [int(i) for i in indices]
+    if not idx or len(set(idx)) != len(idx) or min(idx) < 0 or max(idx) >= n_train:
+        raise ValueError(f"indices must be one or more distinct ints in [0, {n_train}), got {len(idx)} indices")
+    name = f"{corpus.name} train[:{n_train}] {len(idx)} sentences ({fingerprint(sorted(idx))[:12]})"
+    return Corpus(name, corpus.vocab, {**corpus.splits, "train": [train[i] for i in idx]}, corpus.window)
+
+
+@torch.no_grad()
+def sentence_losses(model, sentences: list[torch.Tensor], eos_id: int, batch_size: int = 128) -> tuple[np.ndarray, float]:
+    """Per-sentence mean token NLL (nats/token, float64, input order) and the NLL per token over all tokens.
+
+    Each sentence starts from a zero state and contributes its words and one ``<eos>`` (as
+    :func:`ifutils.train.perplexity`, whose log this second value is). The model is evaluated in eval mode.
+    """
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = np.zeros(len(sentences))
+    total, tokens = 0.0, 0
+    for idx in bucket_batches([len(s) for s in sentences], batch_size):
+        inputs, targets, mask = (t.to(device) for t in make_batch([sentences[i] for i in idx], eos_id))
+        per = sentence_loss(model(inputs), targets, mask).double().cpu()
+        counts = mask.sum(1).double().cpu()
+        out[idx] = per.numpy()
+        total += float((per * counts).sum())
+        tokens += int(counts.sum())
+    model.train(was)
+    return out, total / tokens
+
+
+def _record_path(root: Path, unit: Unit) -> Path:
+    return root / unit.name / RECORD_FILE
+
+
+def train_unit(corpus: Corpus, spec: RetrainSpec, unit: Unit, root: str | os.PathLike,
+               device: str | torch.device = "cpu") -> dict:
+    """Train one unit (or resume it, or skip it when finished) and measure its validation losses.
+
+    Args:
+        corpus: the full corpus (PTB); the unit trains on ``train[:spec.n_train]`` at ``unit.indices``.
+        spec: the shared configuration. unit: what to train. root: the study's directory.
+        device: where to train.
+    Returns:
+        the unit's record (see the module docstring); read from disk when the unit was finished before.
+    Raises:
+        ValueError: bad indices (:func:`select_train`); a record or checkpoint of this unit's directory written for
+            other indices, seed or configuration (pick another root).
+    """
+    root = Path(root)
+    path = _record_path(root, unit)
+    identity = {"indices": fingerprint(sorted(unit.indices)), "seed": unit.seed, "spec": spec.identity()}
+    if path.is_file():
+        record = json.loads(path.read_text())
+        if {k: record.get(k) for k in identity} != identity:
+            raise ValueError(f"{path} was written for other indices, seed or configuration; pick another root")
+        return record
+    data = select_train(corpus, spec.n_train, unit.indices)
+    start = time.perf_counter()
+    model, history = train_language_model(data, spec.model_config(len(corpus.vocab)), spec.train_config(unit.seed),
+                                          root / unit.name / MODEL_FILE, device)
+    eos = corpus.vocab.stoi["<eos>"]
+    losses, mean = sentence_losses(model, corpus.splits["valid"], eos)
+    record = {**identity, "name": unit.name, "n_sentences": len(unit.indices), "history": history,
+              "valid_losses": losses.tolist(), "valid_mean": mean, "seconds_this_run": time.perf_counter() - start}
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record)))
+    return record
+
+
+def run_units(corpus: Corpus, spec: RetrainSpec, units: Sequence[Unit], root: str | os.PathLike,
+              shard: tuple[int, int] = (0, 1), device: str | torch.device = "cpu") -> list[str]:
+    """Train every unit of this shard (unit j belongs to shard j mod k), skipping finished ones, with progress.
+
+    ``spec.threads`` torch threads are used (set here). Units are trained in list order, so a study listed
+    subset-major keeps its finished units in complete groups.
+
+    Args:
+        shard: (i, k), 0 <= i < k: this process's share of the units.
+    Returns:
+        the names of this shard's units that are finished when it returns.
+    Raises:
+        ValueError: a bad shard or repeated unit names.
+    """
+    i, k = shard
+    if not (isinstance(i, int) and isinstance(k, int) and 0 <= i < k):
+        raise ValueError(f"shard must be (i, k) with 0 <= i < k, got {shard!r}")
+    names = [u.name for u in units]
+    if len(set(names)) != len(names):
+        raise ValueError("unit names must be distinct")
+    torch.set_num_threads(spec.threads)
+    mine = [u for j, u in enumerate(units) if j % k == i]
+    todo = [u for u in mine if not _record_path(Path(root), u).is_file()]
+    log(f"{len(mine)} units in shard {i}/{k}: {len(mine) - len(todo)} finished, {len(todo)} to train")
+    for unit in progress(todo, desc=f"retraining (shard {i}/{k})", unit="model"):
+        train_unit(corpus, spec, unit, root, device)
+    return [u.name for u in mine if _record_path(Path(root), u).is_file()]
+
+
+def load_records(root: str | os.PathLike, units: Sequence[Unit]) -> dict[str, dict]:
+    """The records of the finished units, by name (units without a record are left out)."""
+    out = {}
+    for u in units:
+        path = _record_path(Path(root), u)
+        if path.is_file():
+            out[u.name] = json.loads(path.read_text())
+    return out

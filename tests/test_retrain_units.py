@@ -1,0 +1,111 @@
+"""The trainer of many small models (ifutils.retrain): subsets, resume after a kill, skipping finished units."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ifutils.retrain as retrain
+from ifutils.io import load_checkpoint
+from ifutils.model import sentence_loss
+from ifutils.data import make_batch
+from ifutils.retrain import RetrainSpec, Unit, random_subsets, run_units, select_train, sentence_losses, train_unit
+
+from .test_train import toy_corpus
+
+SPEC = RetrainSpec(n_train=50, emb_dim=8, hidden=8, dropout=0.2, epochs=3, batch_size=8)
+ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+def test_random_subsets_are_seeded_distinct_and_of_the_requested_size():
+    a, b = random_subsets(50, 4, 0.5, seed=1), random_subsets(50, 4, 0.5, seed=1)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(a[0], random_subsets(50, 4, 0.5, seed=2)[0])
+    for s in a:
+        assert len(s) == 25 and len(set(s.tolist())) == 25 and s.min() >= 0 and s.max() < 50
+    for bad in ((50, 4, 0.0), (50, 4, 1.0), (0, 4, 0.5), (50, 0, 0.5), (1, 1, 0.2)):
+        with pytest.raises(ValueError):
+            random_subsets(*bad)
+
+
+def test_select_train_keeps_exactly_the_indices_and_names_the_selection():
+    corpus = toy_corpus()
+    data = select_train(corpus, 50, [4, 0, 9])
+    assert [id(s) for s in data.splits["train"]] == [id(corpus.splits["train"][i]) for i in (4, 0, 9)]
+    assert data.splits["valid"] is corpus.splits["valid"]
+    assert data.name != select_train(corpus, 50, [4, 0, 8]).name
+    for bad in ([], [3, 3], [50], [-1]):
+        with pytest.raises(ValueError, match="indices"):
+            select_train(corpus, 50, bad)
+
+
+def test_sentence_losses_equal_a_loop_over_sentences():
+    from .conftest import tiny_model
+
+    corpus, model = toy_corpus(), tiny_model(vocab=12, seed=3)
+    losses, mean = sentence_losses(model, corpus.splits["valid"], 0, batch_size=5)
+    total = tokens = 0.0
+    for i, s in enumerate(corpus.splits["valid"]):  # brute force: one sentence at a time
+        inputs, targets, mask = make_batch([s], 0)
+        with torch.no_grad():
+            value = float(sentence_loss(model(inputs), targets, mask)[0])
+        assert losses[i] == pytest.approx(value, rel=1e-12)
+        total, tokens = total + value * len(s), tokens + len(s)
+    assert mean == pytest.approx(total / tokens, rel=1e-12)
+
+
+def test_a_finished_unit_is_skipped_and_its_record_returned(tmp_path, monkeypatch):
+    unit = Unit("m000_s0", tuple(range(0, 50, 2)), 0)
+    first = train_unit(toy_corpus(), SPEC, unit, tmp_path)
+    assert len(first["valid_losses"]) == 16 and len(first["history"]) == 3
+    monkeypatch.setattr(retrain, "train_language_model", lambda *a, **k: pytest.fail("a finished unit was retrained"))
+    assert train_unit(toy_corpus(), SPEC, unit, tmp_path) == first
+    assert run_units(toy_corpus(), SPEC, [unit], tmp_path) == ["m000_s0"]
+    with pytest.raises(ValueError, match="other indices"):
+        train_unit(toy_corpus(), SPEC, Unit("m000_s0", tuple(range(1, 50, 2)), 0), tmp_path)
+
+
+def test_a_unit_killed_mid_training_resumes_to_the_weights_and_losses_of_an_uninterrupted_one(tmp_path):
+    """SIGKILL right after the first epoch's checkpoint (inside run_units); the rerun finishes the same unit, and
+    its weights and validation losses equal an uninterrupted run's bit for bit."""
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {ROOT!r})
+import ifutils.train as train
+from tests.test_train import toy_corpus
+from tests.test_retrain_units import SPEC
+from ifutils.retrain import Unit, run_units
+real = train.save_checkpoint
+def save_then_die(*args, **kwargs):
+    real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+train.save_checkpoint = save_then_die
+run_units(toy_corpus(), SPEC, [Unit("u", tuple(range(0, 50, 2)), 1)], {str(tmp_path / 'killed')!r})
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    assert not (tmp_path / "killed" / "u" / "record.json").exists()
+    unit = Unit("u", tuple(range(0, 50, 2)), 1)
+    resumed = train_unit(toy_corpus(), SPEC, unit, tmp_path / "killed")
+    full = train_unit(toy_corpus(), SPEC, unit, tmp_path / "full")
+    assert resumed["valid_losses"] == full["valid_losses"]
+    a, _, _ = load_checkpoint(tmp_path / "killed" / "u" / "model.pt")
+    b, _, _ = load_checkpoint(tmp_path / "full" / "u" / "model.pt")
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(x, y)
+
+
+def test_shards_split_the_units_and_together_cover_them(tmp_path):
+    units = [Unit(f"u{j}", tuple(range(j, 50, 5)), j) for j in range(5)]
+    spec = RetrainSpec(n_train=50, emb_dim=4, hidden=4, epochs=1, batch_size=16)
+    even = run_units(toy_corpus(), spec, units, tmp_path, shard=(0, 2))
+    odd = run_units(toy_corpus(), spec, units, tmp_path, shard=(1, 2))
+    assert even == ["u0", "u2", "u4"] and odd == ["u1", "u3"]
+    assert sorted(json.loads((tmp_path / f"u{j}" / "record.json").read_text())["seed"] for j in range(5)) == list(range(5))
+    for bad in ((2, 2), (-1, 2), (0, 0)):
+        with pytest.raises(ValueError, match="shard"):
+            run_units(toy_corpus(), spec, units, tmp_path, shard=bad)

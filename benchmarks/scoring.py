@@ -98,15 +98,20 @@ def full_worker(args) -> dict:
     torch.set_num_threads(args.threads)
     model, eos_id, train, what = setup(args)
     prefix = sample(train, args.prefix, args.seed + 1)
-    qs = queries(model, args.full_queries, args.seed + 2)
+    from ifutils.experiments.whole_network import _peak_mib, _reset_peak
+    from ifutils.scoring import query_dict
+
+    qs = query_dict(model, queries(model, args.full_queries, args.seed + 2))  # one per-tensor copy held
     floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    reset = _reset_peak()  # Linux: the peak below is the scoring's own (queries included), not the set-up's
     _, seconds = timed_scores(model, eos_id, prefix, qs, args.full_method, args.chunk_size, args.query_block)
+    scoring_peak = _peak_mib() if reset else None
     full = padded_tokens(train, args.chunk_size)
     part = padded_tokens(prefix, args.chunk_size)
     return {"method": args.full_method, "queries": args.full_queries, "prefix": len(prefix), "seconds": seconds,
             "prefix_padded_tokens": part, "all_padded_tokens": full, "n_train": len(train),
             "extrapolated_seconds": seconds * full / part, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            / 1024, "floor_mb": floor, "model": what}
+            / 1024, "floor_mb": floor, "scoring_peak_mb": scoring_peak, "model": what}
 
 
 def main(argv=None) -> int:
@@ -183,11 +188,17 @@ def main(argv=None) -> int:
     if any(r.get("estimated") for r in rows):
         print("* estimated, not timed: forward mode costs one jvp pass per query, so its time is linear in Q; scaled "
               f"from the largest Q timed (--forward-max {args.forward_max})")
-    print(f"all {full['n_train']} training sentences x {full['queries']} queries ({full['method']}, {full['model']}): "
-          f"{full['seconds']:.1f} s measured on {full['prefix']} random sentences, EXTRAPOLATED by padded tokens "
-          f"({full['all_padded_tokens']} / {full['prefix_padded_tokens']}) to {full['extrapolated_seconds'] / 60:.1f} "
-          f"min; peak memory {full['peak_mb']:.0f} MB measured ({full['peak_mb'] / 1024:.2f} GiB; "
-          f"{full['floor_mb']:.0f} MB before scoring)")
+    if full["prefix"] == full["n_train"]:
+        print(f"all {full['n_train']} training sentences x {full['queries']} queries ({full['method']}, {full['model']}): "
+              f"{full['seconds']:.1f} s ({full['seconds'] / 60:.1f} min) MEASURED on every sentence; peak memory of the "
+              f"scoring (queries included) {full['scoring_peak_mb'] or full['peak_mb']:.0f} MB "
+              f"({(full['scoring_peak_mb'] or full['peak_mb']) / 1024:.2f} GiB)")
+    else:
+        print(f"all {full['n_train']} training sentences x {full['queries']} queries ({full['method']}, "
+              f"{full['model']}): {full['seconds']:.1f} s measured on {full['prefix']} random sentences, EXTRAPOLATED "
+              f"by padded tokens ({full['all_padded_tokens']} / {full['prefix_padded_tokens']}) to "
+              f"{full['extrapolated_seconds'] / 60:.1f} min; peak memory {full['peak_mb']:.0f} MB measured "
+              f"({full['peak_mb'] / 1024:.2f} GiB; {full['floor_mb']:.0f} MB before scoring)")
     if args.json:
         from ifutils.io import atomic_write, environment, project_path
 

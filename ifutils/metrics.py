@@ -82,3 +82,60 @@ def bootstrap_ci(statistic: Callable[[np.ndarray], float], n: int, seed: int = 0
                              n_resamples=resamples, confidence_level=level, method="percentile",
                              random_state=np.random.default_rng(seed))
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def linear_datamodeling_score(scores, masks, losses, seed: int = 0, resamples: int = 1000) -> dict:
+    """Linear datamodeling score (Park et al. 2023, TRAK, eq. 4) of influence scores against retrained models.
+
+    For subset m (``masks[m]``, the training sentences kept) the prediction is the summed influence of its sentences,
+    f_q(S_m) = sum_{i in S_m} I_iq (I_iq = d loss_q / d epsilon_i, positive = harmful: a subset holding harmful
+    sentences predicts a higher loss); the measurement is the query loss of the models retrained on S_m, averaged
+    over seeds. LDS_q = Spearman over m of the two; the LDS is its mean over queries, with a percentile-bootstrap
+    95 % interval over queries (scipy.stats.bootstrap).
+
+    The noise ceiling (with S >= 2 seeds): for each seed s, the Spearman over m between seed s's losses and the mean of
+    the other seeds' losses, averaged over s and queries: how well a perfect predictor of one training run predicts
+    the others. A method's LDS (against the mean of all S seeds, which is less noisy) can exceed it.
+
+    Args:
+        scores: (n_train, Q) influence of each training sentence on each query (nats/token per unit weight).
+        masks: (M, n_train) bool, masks[m, i] = sentence i is in subset m.
+        losses: (M, S, Q) query losses (nats/token) of the model trained on subset m with seed s; NaN for a model not
+            trained yet (that subset is left out when any of its seeds is missing).
+    Returns:
+        dict: ``lds`` (mean over queries), ``ci`` [low, high], ``per_query`` (Q,), ``ceiling`` (None for S = 1),
+        ``ceiling_ci``, ``subsets`` (M used), ``seeds``.
+    Raises:
+        ValueError: inconsistent shapes, or fewer than 3 complete subsets.
+    """
+    scores, masks, losses = (np.asarray(x.double().cpu() if torch.is_tensor(x) else x, dtype=np.float64)
+                             for x in (scores, masks, losses))
+    if scores.ndim != 2 or masks.ndim != 2 or losses.ndim != 3:
+        raise ValueError(f"need scores (n, Q), masks (M, n), losses (M, S, Q); got {scores.shape}, {masks.shape}, "
+                         f"{losses.shape}")
+    if masks.shape[1] != scores.shape[0] or losses.shape[0] != masks.shape[0] or losses.shape[2] != scores.shape[1]:
+        raise ValueError(f"shapes disagree: scores {scores.shape}, masks {masks.shape}, losses {losses.shape}")
+    done = ~np.isnan(losses).any(axis=(1, 2))
+    if done.sum() < 3:
+        raise ValueError(f"only {int(done.sum())} subsets have every seed's losses; the LDS needs at least 3")
+    masks, losses = masks[done], losses[done]
+    predicted = masks @ scores  # (M, Q)
+    actual = losses.mean(1)
+
+    def per_query(a, b):  # Spearman over subsets, per column
+        a, b = stats.rankdata(a, axis=0), stats.rankdata(b, axis=0)
+        a, b = a - a.mean(0), b - b.mean(0)
+        return (a * b).sum(0) / np.sqrt((a * a).sum(0) * (b * b).sum(0))
+
+    values = per_query(predicted, actual)
+    ci = bootstrap_ci(lambda idx: float(values[idx].mean()), len(values), seed, resamples) if len(values) > 1 \
+        else (float("nan"), float("nan"))
+    out = {"lds": float(values.mean()), "ci": list(ci), "per_query": values.tolist(), "subsets": int(done.sum()),
+           "seeds": int(losses.shape[1]), "ceiling": None, "ceiling_ci": None}
+    s = losses.shape[1]
+    if s >= 2:
+        ceil = np.mean([per_query(losses[:, k], np.delete(losses, k, axis=1).mean(1)) for k in range(s)], axis=0)
+        out["ceiling"] = float(ceil.mean())
+        out["ceiling_ci"] = list(bootstrap_ci(lambda idx: float(ceil[idx].mean()), len(ceil), seed, resamples)) \
+            if len(ceil) > 1 else [float("nan"), float("nan")]
+    return out

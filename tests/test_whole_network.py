@@ -147,6 +147,15 @@ def test_exact_reference_equals_dense_solves_and_the_study_runs_end_to_end(tmp_p
     assert top["influence"] == pytest.approx(float(expected.max()) / (1 + results["damping"]), rel=1e-5)
     full, _ = load_scores(tmp_path / "scores" / "full")
     assert full.shape == (40, 4) and np.isfinite(np.asarray(full)).all()
+    # n_fit: the study's own n_fit reproduces its EK-FAC exactly; a smaller fit is another curvature
+    from ifutils.experiments.whole_network import format_n_fit, n_fit_sweep
+
+    sweep = n_fit_sweep(model, corpus, config, [6], __file__, tmp_path / "nfit.json", tmp_path / "scores", None)
+    rows = {r["n_fit"]: r for r in sweep["rows"]}
+    assert set(rows) == {6, 12} and rows[6]["tokens"] < rows[12]["tokens"]
+    assert rows[12]["vs_study_ekfac"]["spearman"]["mean"] == pytest.approx(1.0)
+    assert rows[12]["damping"] == pytest.approx(results["damping"])
+    assert "| 6 |" in format_n_fit(sweep)
 
 
 def test_bridge_the_whole_network_code_restricted_to_a_subset_equals_the_subset_code():

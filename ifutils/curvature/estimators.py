@@ -220,9 +220,11 @@ def lanczos_extreme(matvec: Matvec, p: int, which: str = "LA", dtype=torch.float
     if which not in ("LA", "SA"):
         raise ValueError(f"which must be 'LA' or 'SA', got {which!r}")
     count = [0]
+    bar = progress(total=max_matvecs, desc=f"Lanczos ({which})", unit="product")
 
     def mv(x):
         count[0] += 1
+        bar.update(1)
         return matvec(torch.as_tensor(np.ravel(x), dtype=dtype, device=device)).double().cpu().numpy()
 
     ncv = min(p, 20)
@@ -235,6 +237,8 @@ def lanczos_extreme(matvec: Matvec, p: int, which: str = "LA", dtype=torch.float
         converged = True
     except ArpackNoConvergence as err:
         value, converged = (float(pick(err.eigenvalues)) if len(err.eigenvalues) else math.nan), False
+    finally:
+        bar.close()
     return {"value": value, "converged": converged, "matvecs": count[0]}
 
 

@@ -64,7 +64,7 @@ from ..io import atomic_write, checkpoint_record, environment
 from ..metrics import bootstrap_ci
 from ..network import NetworkGrads
 from ..progress import progress
-from ..scoring import score_all
+from ..scoring import query_dict, score_all
 
 
 @dataclass
@@ -380,12 +380,19 @@ def whole_network_study(model, corpus, config: WholeNetworkConfig, checkpoint, o
     results["damping"] = damping
     with stages(f"precondition (ekfac, {len(queries)} queries)"):
         full_q = precondition(reference, queries, damping)
+    n_queries = len(queries)
     del reference
+    if cache_dir is not None:  # the raw query gradients are read back from the cache after the pass
+        del queries
     gc.collect()
-    with stages(f"score all {len(train)} training sentences (ekfac x {len(queries)} queries)"):
+    full_q = query_dict(model, full_q)  # the per-tensor layout score_all uses, so that one copy is held
+    gc.collect()
+    with stages(f"score all {len(train)} training sentences (ekfac x {n_queries} queries)"):
         full = score_all(model, train, eos, full_q, root / "full", chunk_size=config.chunk_size)
     del full_q
     gc.collect()
+    if cache_dir is not None:
+        queries = query_gradients(net, valid, test, config.chunk_size, cache_dir)
     full = np.asarray(full)
 
     # 2. every curvature, and the exact reference, on the agreement set
@@ -553,4 +560,76 @@ def side_by_side(results: dict, query: str = "test_sentence", kind: str = "harmf
     for r in range(len(table[keys[0]][kind])):
         cells = [f"{cut(table[k][kind][r]['text'])} ({table[k][kind][r]['influence']:+.1e})" for k in keys]
         lines.append(f"| {r + 1} | " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def n_fit_sweep(model, corpus, config: WholeNetworkConfig, n_fits, checkpoint, out: str | Path,
+                scores_root: str | Path, cache_dir: str | Path | None = "cache") -> dict:
+    """How EK-FAC's scores move with the number of fit sentences (issue 14, item 2), and its fit cost.
+
+    For each n in ``n_fits`` (and ``config.n_fit``, the study's, as the reference): EK-FAC with true-Fisher labels
+    fitted on n seeded training sentences (timed, with the stage's peak memory), the validation query and the first
+    ``n_exact`` test queries preconditioned at its default damping (``alpha`` x its own mean eigenvalue) and at the
+    first exact damping; all scored over the agreement set in one pass, with the exact GGN solutions of
+    :func:`exact_reference` (read from its cache, or solved). Reported per n: Spearman and Pearson (mean over test
+    queries, bootstrap interval) against the study's EK-FAC at the default damping, and against the exact GGN at its
+    damping. Writes ``out`` (JSON) and returns it.
+    """
+    model = model.eval()
+    eos = corpus.vocab.stoi["<eos>"]
+    stages, net = Stages(), NetworkGrads(model, eos)
+    train = corpus.splits["train"][: config.n_train] if config.n_train else corpus.splits["train"]
+    agree_set = train[: config.n_agree]
+    g = torch.Generator().manual_seed(config.seed)
+    test_idx = torch.randperm(len(corpus.splits["test"]), generator=g)[: config.n_test].tolist()
+    test = [corpus.splits["test"][i] for i in test_idx]
+    valid = corpus.splits["valid"][: config.n_valid] if config.n_valid else corpus.splits["valid"]
+    queries = query_gradients(net, valid, test, config.chunk_size, cache_dir)[: 1 + config.n_exact]
+    exact_d = float(config.exact_dampings[0])
+    fits = sorted(set(int(n) for n in n_fits) | {config.n_fit})
+    blocks, info = [], {}
+    for n in fits:
+        with stages(f"EK-FAC fit, n_fit = {n}"):
+            factors = fit_network_kfac(model, corpus.splits["train"], eos, labels="model", mc_samples=config.mc_samples,
+                                       n_fit=n, chunk_size=config.chunk_size, seed=config.seed, cache_dir=cache_dir)
+        c = ekfac_network_curvature(factors)
+        d = config.alpha * c.mean_eigenvalue()
+        info[n] = {"n_fit": n, "tokens": factors.tokens, "damping": d, "mean_eigenvalue": c.mean_eigenvalue(),
+                   "fit": stages.records[f"EK-FAC fit, n_fit = {n}"]}
+        blocks += [(n, "default", precondition(c, queries, d)), (n, "exact", precondition(c, queries, exact_d))]
+        del c, factors
+    solutions, _ = exact_reference(model, _fit_set(corpus, config), eos, queries, config, Stages(), cache_dir)
+    ggn = solutions[("ggn", exact_d)]
+    qs = torch.cat([q for *_, q in blocks] + [ggn])
+    with stages(f"score {len(agree_set)} sentences x {len(qs)} queries"):
+        arr = np.asarray(score_all(model, agree_set, eos, qs, Path(scores_root) / "n_fit", chunk_size=config.chunk_size))
+    width = len(queries)
+    cols = {(n, kind): arr[:, k * width : (k + 1) * width] for k, (n, kind, _) in enumerate(blocks)}
+    truth = arr[:, len(blocks) * width :]
+    rows = []
+    for n in fits:
+        rows.append({**info[n],
+                     "vs_study_ekfac": agreement_with_reference(cols[(n, "default")], cols[(config.n_fit, "default")],
+                                                                config.top_k, config.seed),
+                     "vs_exact_ggn": agreement_with_reference(cols[(n, "exact")], truth, config.top_k, config.seed)})
+    results = {"config": asdict(config), "n_fits": fits, "exact_damping": exact_d, "n_agree": len(agree_set),
+               "rows": rows, "stages": stages.records, "provenance": {"checkpoint": checkpoint_record(checkpoint)},
+               "environment": environment()}
+    atomic_write(out, lambda tmp: tmp.write_text(json.dumps(results, indent=1, default=float)))
+    return results
+
+
+def format_n_fit(results: dict) -> str:
+    """Markdown: EK-FAC's fit cost and agreement against n_fit."""
+    lines = [f"EK-FAC (true-Fisher labels) fitted on n_fit seeded training sentences; scores of the first "
+             f"{results['n_agree']:,} training sentences for the validation query and {results['config']['n_exact']} "
+             f"test queries; Spearman mean over test queries [95% CI].", "",
+             f"| n_fit | tokens | fit seconds | fit peak GiB | Spearman with n_fit = {results['config']['n_fit']} "
+             f"(default damping) | Spearman with exact GGN (lambda = {results['exact_damping']:g}) |",
+             "|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        a, b = r["vs_study_ekfac"]["spearman"], r["vs_exact_ggn"]["spearman"]
+        peak = r["fit"].get("stage_peak_mib") or r["fit"]["peak_rss_mib"]
+        lines.append(f"| {r['n_fit']} | {r['tokens']:,} | {r['fit']['seconds']:.0f} | {peak / 1024:.2f} | "
+                     f"{a['mean']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}] | {b['mean']:.3f} [{b['ci'][0]:.3f}, {b['ci'][1]:.3f}] |")
     return "\n".join(lines)

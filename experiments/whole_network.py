@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="checkpoints/ptb_lstm.pt", help="the trained model (any path)")
     parser.add_argument("--results", default=None, help="default results/ptb_whole.json for the default settings, "
                         "results/ptb_whole_<8 hex> otherwise")
-    parser.add_argument("--scores", default=None, help="score directory; default cache/whole_scores/<config hash>")
+    parser.add_argument("--scores", default=None, help="root of the score directories (one per pass, named by what it depends on); default cache/whole_scores")
     parser.add_argument("--cache", default="cache", help="cache of factor fits and query gradients")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--n-fit-sweep", type=int, nargs="+", default=None, help="instead of the study: EK-FAC's "

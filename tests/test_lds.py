@@ -78,3 +78,44 @@ def test_exact_influence_of_a_convex_model_predicts_exact_retraining():
     shuffled = linear_datamodeling_score(scores[torch.randperm(n)], masks, losses)  # the wrong sentences
     assert shuffled["lds"] < 0.5
     assert out["ceiling"] is None and out["seeds"] == 1
+
+
+def test_lds_study_on_a_tiny_corpus_assembles_the_measured_losses_and_scores_every_curvature(tmp_path):
+    """Retrain a tiny model on 4 halves x 2 seeds, predict with every whole-network curvature, and check the
+    measured-loss array against the records read one by one and the LDS against the metric on those arrays."""
+    import json
+
+    from ifutils.experiments.lds import LdsConfig, lds_predictions, lds_table, measured_losses, query_indices, study_units
+    from ifutils.experiments.whole_network import WholeNetworkConfig
+    from ifutils.io import load_checkpoint
+    from ifutils.retrain import RetrainSpec, Unit, run_units, train_unit
+
+    from .test_whole_network import _tiny_setup
+
+    corpus, _ = _tiny_setup()
+    spec = RetrainSpec(n_train=40, emb_dim=4, hidden=4, epochs=2, batch_size=8)
+    design = LdsConfig(subsets=4, seeds=(0, 1), beta=0.5)
+    units = study_units(spec, design)
+    run_units(corpus, spec, units, tmp_path / "units")
+    train_unit(corpus, spec, Unit("full", tuple(range(40)), 0), tmp_path)
+    model, _, _ = load_checkpoint(tmp_path / "full" / "model.pt")
+    queries = query_indices(corpus, 3, seed=0)
+    records = {u.name: json.loads((tmp_path / "units" / u.name / "record.json").read_text()) for u in units}
+    masks, losses, subsets = measured_losses(records, units, design.seeds, queries, spec.n_train)
+    assert masks.shape == (4, 40) and losses.shape == (4, 2, 4) and masks.sum(1).tolist() == [20] * 4
+    for m, name in enumerate(subsets):  # brute force, record by record
+        for k, seed in enumerate(design.seeds):
+            r = records[f"{name}_s{seed}"]
+            assert losses[m, k, 0] == pytest.approx(np.mean(r["valid_losses"]))
+            assert list(losses[m, k, 1:]) == [r["valid_losses"][q] for q in queries]
+        unit = next(u for u in units if u.name == f"{name}_s0")
+        assert np.flatnonzero(masks[m]).tolist() == sorted(unit.indices)
+    config = WholeNetworkConfig(n_fit=10, n_test=3, n_exact=0, exact_curvatures=(), chunk_size=8)
+    predictions, info = lds_predictions(model.eval(), corpus, 40, queries, config, (0.1,), tmp_path / "scores")
+    assert {k for k, _ in predictions} == {"ekfac", "kfac", "ekfac_ef", "kfac_ef", "mc_fisher_k1_diag", "ef_diag",
+                                           "identity"}
+    table = lds_table(predictions, masks, losses)
+    entry = table["identity@0.1"]
+    expected = linear_datamodeling_score(predictions[("identity", 0.1)][:, 1:], masks, losses[:, :, 1:])
+    assert entry["lds"] == pytest.approx(expected["lds"]) and entry["ceiling"] == pytest.approx(expected["ceiling"])
+    assert -1 <= entry["validation"] <= 1 and len(table) == 7 * 2

@@ -124,7 +124,9 @@ def test_exact_reference_equals_dense_solves_and_the_study_runs_end_to_end(tmp_p
 
     results = whole_network_study(model, corpus, config, __file__, tmp_path / "whole.json", tmp_path / "scores", None)
     assert json.loads((tmp_path / "whole.json").read_text())["n_agree"] == 25
-    assert len([d for d in (tmp_path / "scores").iterdir() if d.name.startswith("agree")]) > 1  # several passes
+    assert len([d for d in (tmp_path / "scores").iterdir() if d.name.startswith("agreement_")]) > 1  # several passes
+    assert [p["dir"] for p in results["agreement_scores"]] == sorted(
+        {p["dir"] for p in results["agreement_scores"]}, key=[p["dir"] for p in results["agreement_scores"]].index)
     assert set(results["curvatures"]) == {"ekfac", "kfac", "ekfac_ef", "kfac_ef", "mc_fisher_k1_diag", "ef_diag",
                                           "identity"}
     ref = results["agreement_with_exact"]["ggn@0.05"]["table"]
@@ -145,7 +147,7 @@ def test_exact_reference_equals_dense_solves_and_the_study_runs_end_to_end(tmp_p
     top = results["top_sentences"]["validation"]["identity"]["harmful"][0]
     # the identity curvature is damped like the others: q = g / (1 + lambda)
     assert top["influence"] == pytest.approx(float(expected.max()) / (1 + results["damping"]), rel=1e-5)
-    full, _ = load_scores(tmp_path / "scores" / "full")
+    full, _ = load_scores(results["full_scores"]["dir"])
     assert full.shape == (40, 4) and np.isfinite(np.asarray(full)).all()
     # n_fit: the study's own n_fit reproduces its EK-FAC exactly; a smaller fit is another curvature
     from ifutils.experiments.whole_network import format_n_fit, n_fit_sweep
@@ -156,6 +158,22 @@ def test_exact_reference_equals_dense_solves_and_the_study_runs_end_to_end(tmp_p
     assert rows[12]["vs_study_ekfac"]["spearman"]["mean"] == pytest.approx(1.0)
     assert rows[12]["damping"] == pytest.approx(results["damping"])
     assert "| 6 |" in format_n_fit(sweep)
+    # another configuration reuses the passes it shares: only the changed ones are scored again
+    import ifutils.experiments.whole_network as wn
+
+    scored = []
+    real = wn.score_all
+    wn.score_all = lambda *a, **k: (scored.append(str(a[4])), real(*a, **k))[1]
+    try:
+        other = whole_network_study(model, corpus, WholeNetworkConfig(**{**config.__dict__, "top_k": 4}), __file__,
+                                    tmp_path / "other.json", tmp_path / "scores", None)
+    finally:
+        wn.score_all = real
+    assert other["full_scores"]["dir"] == results["full_scores"]["dir"]
+    assert [p["dir"] for p in other["agreement_scores"]] == [p["dir"] for p in results["agreement_scores"]]
+    assert scored == []  # finished passes are read back, nothing is preconditioned or scored again
+    assert other["curvatures"]["kfac"]["agreement_with_ekfac"]["spearman"] == \
+        results["curvatures"]["kfac"]["agreement_with_ekfac"]["spearman"]
 
 
 def test_bridge_the_whole_network_code_restricted_to_a_subset_equals_the_subset_code():

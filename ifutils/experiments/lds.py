@@ -104,3 +104,111 @@ def train_study(corpus: Corpus, spec: RetrainSpec, config: LdsConfig, root: str 
 
 
 __all__ = ["LdsConfig", "choose_epochs", "study_root", "study_units", "train_study", "train_unit"]
+
+
+# ------------------------------------------------------------------------------------------- predictions and LDS
+
+
+def query_indices(corpus: Corpus, n_queries: int, seed: int = 0) -> list[int]:
+    """The validation sentences whose retrained losses are predicted (seeded draw without replacement)."""
+    import torch
+
+    valid = corpus.splits["valid"]
+    if not 1 <= n_queries <= len(valid):
+        raise ValueError(f"n_queries must be in [1, {len(valid)}], got {n_queries}")
+    return torch.randperm(len(valid), generator=torch.Generator().manual_seed(seed))[:n_queries].tolist()
+
+
+def measured_losses(records: dict, units: list[Unit], seeds, queries: list[int], n_train: int
+                    ) -> tuple[np.ndarray, np.ndarray, list]:
+    """(masks (M, n_train) bool, losses (M, S, 1 + Q) nats/token, subset names) from the units' records.
+
+    Column 0 is the mean validation loss (1/n_val) sum_j l_j (the mean of the per-sentence losses, the objective
+    whose gradient is the mean-validation query of :func:`~ifutils.experiments.whole_network.query_gradients`),
+    columns 1.. the losses of the validation sentences ``queries``; NaN for a unit without a record.
+    """
+    subsets = list(dict.fromkeys(u.name.rsplit("_s", 1)[0] for u in units))
+    by_name = {u.name: u for u in units}
+    masks = np.zeros((len(subsets), n_train), dtype=bool)
+    losses = np.full((len(subsets), len(seeds), 1 + len(queries)), np.nan)
+    for m, subset in enumerate(subsets):
+        masks[m, list(by_name[f"{subset}_s{seeds[0]}"].indices)] = True
+        for k, seed in enumerate(seeds):
+            r = records.get(f"{subset}_s{seed}")
+            if r is not None:
+                v = np.asarray(r["valid_losses"])
+                losses[m, k] = np.concatenate([[v.mean()], v[queries]])
+    return masks, losses, subsets
+
+
+def lds_table(predictions: dict, masks: np.ndarray, losses: np.ndarray, seed: int = 0) -> dict:
+    """{"<key>@<damping>": linear datamodeling score} for (n_train, 1 + Q) predicted influences per (key, damping):
+    the LDS over the Q sentence queries (column 0, the mean validation loss, reported apart as ``validation``:
+    the Spearman over subsets of that one query)."""
+    from scipy import stats
+
+    from ..metrics import linear_datamodeling_score
+
+    done = ~np.isnan(losses).any(axis=(1, 2))
+    out = {}
+    for (key, d), scores in predictions.items():
+        entry = linear_datamodeling_score(scores[: masks.shape[1], 1:], masks, losses[:, :, 1:], seed)
+        pred = masks[done] @ scores[: masks.shape[1], 0]
+        entry["validation"] = float(stats.spearmanr(pred, losses[done, :, 0].mean(1))[0])
+        out[f"{key}@{d:g}"] = {"curvature": key, "damping": d, **entry}
+    return out
+
+
+def lds_predictions(model, corpus: Corpus, n_train: int, queries: list[int], config, dampings, scores_root,
+                    cache_dir=None, stages=None) -> tuple[dict, dict]:
+    """Influence of each of the first ``n_train`` training sentences on the mean validation loss and on each
+    validation sentence of ``queries``, for every whole-network curvature of the whole-network study (KFAC and
+    EK-FAC with true-Fisher and data labels, diagonal true Fisher and EF, identity), at the default damping
+    (``config.alpha`` x EK-FAC's mean eigenvalue) and at each absolute damping of ``dampings``.
+
+    ``config`` is a :class:`~ifutils.experiments.whole_network.WholeNetworkConfig` (n_fit, mc_samples, alpha,
+    seed, chunk_size, pass_gib are used). Scores stream into resumable pass directories under ``scores_root``.
+
+    Returns:
+        ({(key, damping): (n_train, 1 + Q) float32 influence}, info dict: default damping, passes, curvature means).
+    """
+    from ..cache import fingerprint
+    from ..curvature.base import IdentityCurvature
+    from ..curvature.network_kfac import (
+        diagonal_fisher,
+        ekfac_network_curvature,
+        fit_network_kfac,
+        kfac_network_curvature,
+    )
+    from ..network import NetworkGrads
+    from .whole_network import Stages, query_gradients, score_passes
+
+    stages = stages or Stages()
+    model = model.eval()
+    eos = corpus.vocab.stoi["<eos>"]
+    net = NetworkGrads(model, eos)
+    valid = corpus.splits["valid"]
+    with stages("query gradients (validation)"):
+        grads = query_gradients(net, valid, [valid[i] for i in queries], config.chunk_size, cache_dir)
+    fit_args = dict(n_fit=config.n_fit, chunk_size=config.chunk_size, seed=config.seed, cache_dir=cache_dir)
+    curvatures = {}
+    for labels in ("model", "data"):
+        with stages(f"KFAC + EK-FAC factors ({labels} labels)"):
+            factors = fit_network_kfac(model, corpus.splits["train"], eos, labels=labels,
+                                       mc_samples=config.mc_samples, **fit_args)
+        for c in (ekfac_network_curvature(factors), kfac_network_curvature(factors)):
+            curvatures[c.name] = c
+        with stages(f"diagonal Fisher ({labels} labels)"):
+            c = diagonal_fisher(model, corpus.splits["train"], eos, labels=labels, mc_samples=config.mc_samples,
+                                **fit_args)
+        curvatures[c.name] = c
+    curvatures["identity"] = IdentityCurvature(net.p, "identity")
+    default = config.alpha * curvatures["ekfac"].mean_eigenvalue()
+    blocks = [(key, d, None, len(grads)) for key in curvatures for d in [default, *map(float, dampings)]]
+    weights = {k: v.detach() for k, v in model.state_dict().items()}
+    name = [fingerprint(weights), n_train, queries, config.n_fit, config.mc_samples, config.seed, config.chunk_size]
+    scores, passes = score_passes(model, corpus.splits["train"][:n_train], eos, blocks, grads, curvatures,
+                                  Path(scores_root), name, config.pass_gib, config.chunk_size, stages, what="lds")
+    info = {"default_damping": default, "passes": passes,
+            "mean_eigenvalues": {k: (c.mean_eigenvalue() if k != "identity" else 1.0) for k, c in curvatures.items()}}
+    return scores, info

@@ -336,6 +336,45 @@ def _passes(columns: list, p: int, gib: float) -> list[list]:
     return out
 
 
+def score_passes(model, sentences, eos: int, blocks: list, queries: torch.Tensor, curvatures: dict, root: Path,
+                 name_parts: list, pass_gib: float, chunk_size: int, stages, what: str = "agreement") -> tuple[dict, list]:
+    """Score ``sentences`` against query blocks in passes of at most ``pass_gib`` GiB of queries.
+
+    A block is ``(curvature key, damping, x, width)``: x a (width, P) tensor of already solved queries (an exact
+    reference), or None to precondition the first ``width`` rows of ``queries`` with ``curvatures[key]`` at that
+    damping. Each pass streams into its own directory under ``root``, named by a fingerprint of ``name_parts``, its
+    layout and the code of the modules its scores come from; a finished pass is read back without preconditioning
+    anything (its scores depend on nothing else), an unfinished one resumes (:func:`ifutils.scoring.score_all`).
+
+    Returns:
+        ({(key, damping): (n, width) float32 array}, [{"dir", "columns": layout} per pass]).
+    """
+    from ..cache import code_version, fingerprint
+    from ..scoring import load_scores
+
+    code = code_version("ifutils.network", "ifutils.scoring", "ifutils.curvature.network_kfac",
+                        "ifutils.curvature.network_products", "ifutils.curvature.estimators", "ifutils.curvature.inverse")
+    p = sum(t.numel() for t in model.parameters())
+    scores, passes = {}, []
+    for k, group in enumerate(_passes(blocks, p, pass_gib)):
+        layout = [(key, float(d), width, "exact" if x is not None else "approximation") for key, d, x, width in group]
+        pass_dir = Path(root) / f"{what}_{fingerprint(name_parts, layout, code)[:12]}"
+        passes.append({"dir": str(pass_dir), "columns": layout})
+        with stages(f"{what} pass {k}: {len(sentences)} sentences x {sum(b[3] for b in group)} queries"):
+            try:
+                arr = np.asarray(load_scores(pass_dir)[0])
+            except (FileNotFoundError, ValueError):
+                qs = torch.cat([x if x is not None else precondition(curvatures[key], queries[:width], d)
+                                for key, d, x, width in group])
+                arr = np.asarray(score_all(model, sentences, eos, qs, pass_dir, chunk_size=chunk_size))
+                del qs
+            start = 0
+            for key, d, _, width in group:
+                scores[(key, d)] = arr[:, start : start + width].copy()
+                start += width
+    return scores, passes
+
+
 def whole_network_study(model, corpus, config: WholeNetworkConfig, checkpoint, out: str | Path,
                         scores_root: str | Path = "cache/whole_scores", cache_dir: str | Path | None = "cache") -> dict:
     """Run every stage of the module docstring and write the results to ``out`` (JSON, atomically).
@@ -362,6 +401,13 @@ def whole_network_study(model, corpus, config: WholeNetworkConfig, checkpoint, o
     stages, net = Stages(), NetworkGrads(model, eos)
     fit_args = dict(n_fit=config.n_fit, chunk_size=config.chunk_size, seed=config.seed, cache_dir=cache_dir)
     root = Path(scores_root)
+    # score directories are named by what their scores depend on, so that a run of another configuration reuses the
+    # passes it shares with this one (score_all itself refuses a directory of other weights, sentences or queries)
+    from ..cache import code_version, fingerprint
+
+    common = {"checkpoint": checkpoint_record(checkpoint)["sha256"], "n_fit": config.n_fit, "mc_samples": config.mc_samples,
+              "seed": config.seed, "n_valid": config.n_valid, "n_test": config.n_test, "alpha": config.alpha,
+              "chunk_size": config.chunk_size}
     results = {"config": asdict(config), "P": net.p, "n_train": len(train), "n_agree": len(agree_set),
                "n_valid": len(valid), "test_indices": test_idx, "curvatures": {}, "stages": stages.records}
     with stages("query gradients"):
@@ -378,21 +424,30 @@ def whole_network_study(model, corpus, config: WholeNetworkConfig, checkpoint, o
     reference = fit("model")[0]
     damping = config.alpha * reference.mean_eigenvalue()
     results["damping"] = damping
-    with stages(f"precondition (ekfac, {len(queries)} queries)"):
-        full_q = precondition(reference, queries, damping)
-    n_queries = len(queries)
-    del reference
-    if cache_dir is not None:  # the raw query gradients are read back from the cache after the pass
-        del queries
+    from ..scoring import load_scores
+
+    code = code_version("ifutils.network", "ifutils.scoring", "ifutils.curvature.network_kfac")
+    full_dir = root / f"full_{fingerprint(common, config.n_train, code)[:12]}"
+    try:  # a finished full pass is read back (its scores depend on nothing but its name's parts)
+        full = load_scores(full_dir)[0]
+    except (FileNotFoundError, ValueError):
+        with stages(f"precondition (ekfac, {len(queries)} queries)"):
+            full_q = precondition(reference, queries, damping)
+        n_queries = len(queries)
+        del reference
+        if cache_dir is not None:  # the raw query gradients are read back from the cache after the pass
+            del queries
+        gc.collect()
+        full_q = query_dict(model, full_q)  # the per-tensor layout score_all uses, so that one copy is held
+        gc.collect()
+        with stages(f"score all {len(train)} training sentences (ekfac x {n_queries} queries)"):
+            full = score_all(model, train, eos, full_q, full_dir, chunk_size=config.chunk_size)
+        del full_q
+        gc.collect()
+        if cache_dir is not None:
+            queries = query_gradients(net, valid, test, config.chunk_size, cache_dir)
+    reference = None  # freed: the curvatures of stage 2 are read back from the cache
     gc.collect()
-    full_q = query_dict(model, full_q)  # the per-tensor layout score_all uses, so that one copy is held
-    gc.collect()
-    with stages(f"score all {len(train)} training sentences (ekfac x {n_queries} queries)"):
-        full = score_all(model, train, eos, full_q, root / "full", chunk_size=config.chunk_size)
-    del full_q
-    gc.collect()
-    if cache_dir is not None:
-        queries = query_gradients(net, valid, test, config.chunk_size, cache_dir)
     full = np.asarray(full)
 
     # 2. every curvature, and the exact reference, on the agreement set
@@ -418,20 +473,13 @@ def whole_network_study(model, corpus, config: WholeNetworkConfig, checkpoint, o
     blocks = [(key, damping, None, len(queries)) for key in curvatures]  # every query at the default damping
     blocks += [(key, d, None, n_sub) for key in curvatures for d in grid[1:]]
     blocks += [(key, d, x, len(x)) for (key, d), x in exact.items()]
-    scores = {}
-    for k, group in enumerate(_passes(blocks, net.p, config.pass_gib)):
-        with stages(f"agreement pass {k}: {len(agree_set)} sentences x {sum(b[3] for b in group)} queries"):
-            qs = torch.cat([x if x is not None else precondition(curvatures[key], queries[:width], d)
-                            for key, d, x, width in group])
-            arr = np.asarray(score_all(model, agree_set, eos, qs, root / f"agree{k}", chunk_size=config.chunk_size))
-            del qs
-            start = 0
-            for key, d, _, width in group:
-                scores[(key, d)] = arr[:, start : start + width].copy()
-                start += width
+    exact_setup = {"cg_tol": config.cg_tol, "cg_max_iter": config.cg_max_iter} if exact else {}
+    scores, results["agreement_scores"] = score_passes(
+        model, agree_set, eos, blocks, queries, curvatures, root, [common, config.n_agree, exact_setup],
+        config.pass_gib, config.chunk_size, stages)
     del curvatures
     gc.collect()
-    results["full_scores"] = {"dir": str(root / "full"), "curvature": REFERENCE, "damping": damping,
+    results["full_scores"] = {"dir": str(full_dir), "curvature": REFERENCE, "damping": damping,
                               "columns": ["validation"] + [f"test{i}" for i in test_idx]}
     # agreement with EK-FAC at the default damping (every test query), and with each exact reference (its queries),
     # at the reference's damping and at the curvature's best damping of the grid

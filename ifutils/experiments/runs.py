@@ -138,7 +138,8 @@ def whole_network_run(run: RunConfig, tag: str, config) -> dict:
     """Run name and paths of a whole-network run (``whole_network.ipynb``, ``experiments/whole_network.py``):
     ``<tag>_whole`` for the default :class:`~ifutils.experiments.whole_network.WholeNetworkConfig` on
     ``checkpoints/<tag>_lstm.pt``, ``<tag>_whole_<8 hex>`` otherwise; results ``results/<name>.json``; scores under
-    ``cache/whole_scores/`` (one directory per pass, named by what its scores depend on, shared between runs)."""    from .whole_network import WholeNetworkConfig
+    ``cache/whole_scores/`` (one directory per pass, named by what its scores depend on, shared between runs)."""
+    from .whole_network import WholeNetworkConfig
 
     checkpoint = run.checkpoint or f"checkpoints/{run.run_name or tag}_lstm.pt"
     name = run.run_name and f"{run.run_name}_whole"

@@ -8,7 +8,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXECUTED = {"train_lstm_penn_treebank.ipynb": "docs/notebooks/train_lstm_penn_treebank_ptb.ipynb",
-            "fisher_if.ipynb": "docs/notebooks/fisher_if_ptb.ipynb"}
+            "fisher_if.ipynb": "docs/notebooks/fisher_if_ptb.ipynb",
+            "whole_network.ipynb": "docs/notebooks/whole_network_ptb.ipynb"}
 
 
 @pytest.mark.parametrize("source", list(EXECUTED))

@@ -266,6 +266,6 @@ def whole_network_agreement(results: dict, label: str, path: str | os.PathLike) 
         ax.set(xscale="log", xlabel="damping lambda of the approximation", ylabel="Spearman with the reference",
                title=f"{label}: vs exact {curvature_label(ref['curvature'])} (lambda = {ref['damping']:g})")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower left")
+    axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
     return save(fig, path)

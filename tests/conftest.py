@@ -19,6 +19,24 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (restored after): bit-identical resumes are promised per thread count, and a
+    multi-threaded BLAS on a loaded machine may partition a product differently between two runs. Subprocesses of
+    such tests get ``ONE_THREAD_ENV``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def one_thread_env() -> dict:
+    """The environment for a subprocess that must match a one-thread run bit for bit."""
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 def random_sentences(n: int, vocab: int, max_len: int = 7, seed: int = 0) -> list[torch.Tensor]:
     """n sentences of 1..max_len words drawn from ids 1..vocab-1, each ending in <eos> (id 0)."""
     g = torch.Generator().manual_seed(seed)

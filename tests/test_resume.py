@@ -4,13 +4,17 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from ifutils.curvature import hessian_and_ggn, mc_true_fisher
 from ifutils.grads import per_sample_grads
 from ifutils.influence import influence
 
-from .conftest import random_sentences, subset_loss, tiny_model
+from .conftest import one_thread_env, random_sentences, subset_loss, tiny_model
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # bit-identity per thread count (seen to fail once under load)
 
 SETUP = """
 import os, signal, sys, torch
@@ -41,7 +45,7 @@ def run_killed(tmp_path, code: str, kill_at: int) -> None:
 
     root = str(Path(__file__).resolve().parent.parent)
     script = SETUP.format(root=root, kill_at=kill_at) + textwrap.dedent(code)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, env=one_thread_env())
     assert proc.returncode == -9, proc.stderr  # killed by SIGKILL, as intended
 
 

@@ -15,6 +15,7 @@ from ifutils.model import sentence_loss
 from ifutils.data import make_batch
 from ifutils.retrain import RetrainSpec, Unit, random_subsets, run_units, select_train, sentence_losses, train_unit
 
+from .conftest import one_thread_env
 from .test_train import toy_corpus
 
 SPEC = RetrainSpec(n_train=50, emb_dim=8, hidden=8, dropout=0.2, epochs=3, batch_size=8)
@@ -69,7 +70,7 @@ def test_a_finished_unit_is_skipped_and_its_record_returned(tmp_path, monkeypatc
         train_unit(toy_corpus(), SPEC, Unit("m000_s0", tuple(range(1, 50, 2)), 0), tmp_path)
 
 
-def test_a_unit_killed_mid_training_resumes_to_the_weights_and_losses_of_an_uninterrupted_one(tmp_path):
+def test_a_unit_killed_mid_training_resumes_to_the_weights_and_losses_of_an_uninterrupted_one(tmp_path, one_thread):
     """SIGKILL right after the first epoch's checkpoint (inside run_units); the rerun finishes the same unit, and
     its weights and validation losses equal an uninterrupted run's bit for bit."""
     script = f"""
@@ -86,7 +87,7 @@ def save_then_die(*args, **kwargs):
 train.save_checkpoint = save_then_die
 run_units(toy_corpus(), SPEC, [Unit("u", tuple(range(0, 50, 2)), 1)], {str(tmp_path / 'killed')!r})
 """
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=one_thread_env())
     assert proc.returncode == -9, proc.stderr
     assert not (tmp_path / "killed" / "u" / "record.json").exists()
     unit = Unit("u", tuple(range(0, 50, 2)), 1)

@@ -19,7 +19,7 @@ from ifutils.model import sentence_loss
 from ifutils.network import parameter_names
 from ifutils.scoring import chunk_scores, load_scores, query_dict, score_all
 
-from .conftest import EOS, random_sentences, tiny_model
+from .conftest import EOS, one_thread_env, random_sentences, tiny_model
 
 SUBSET = ["lstm.weight_hh_l0", "embedding.weight", "decoder.bias"]
 
@@ -108,7 +108,7 @@ class Killed(RuntimeError):
 
 
 @pytest.mark.parametrize("method", ["grads", "forward"])
-def test_killed_run_resumes_bit_identical(tmp_path, model2, many, method):
+def test_killed_run_resumes_bit_identical(tmp_path, model2, many, method, one_thread):
     q = flat_queries(model2, parameter_names(model2)).float().double()
     kw = {"chunk_size": 2, "method": method, "show_progress": False}
     whole = tmp_path / "whole"
@@ -152,11 +152,12 @@ score_all(model, sentences, 0, q, {out!r}, chunk_size=2, on_chunk=die)
 """
 
 
-def test_sigkilled_run_resumes_bit_identical(tmp_path, model2, many):
+def test_sigkilled_run_resumes_bit_identical(tmp_path, model2, many, one_thread):
     """A real SIGKILL of another process after 3 chunks; the resumed file equals an uninterrupted run's."""
     root = str(Path(__file__).resolve().parent.parent)
     script = textwrap.dedent(KILLED.format(root=root, out=str(tmp_path / "cut")))
-    proc = subprocess.run([sys.executable, "-c", script], check=False, cwd=tmp_path, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", script], check=False, cwd=tmp_path, capture_output=True, text=True,
+                          env=one_thread_env())
     assert proc.returncode == -9, proc.stderr
     assert len(json.loads((tmp_path / "cut" / scoring.PROGRESS_FILE).read_text())["done"]) == 3
     q = flat_queries(model2, parameter_names(model2))

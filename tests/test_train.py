@@ -6,7 +6,7 @@ from ifutils.io import load_checkpoint
 from ifutils.model import ModelConfig
 from ifutils.train import TrainConfig, perplexity, train_language_model
 
-from .conftest import random_sentences
+from .conftest import one_thread_env, random_sentences
 
 
 def toy_corpus():
@@ -62,7 +62,7 @@ def test_pickle_checkpoint_does_not_execute_code(tmp_path):
     assert not marker.exists()
 
 
-def test_training_killed_between_epochs_resumes_to_the_same_weights(tmp_path):
+def test_training_killed_between_epochs_resumes_to_the_same_weights(tmp_path, one_thread):
     """A subprocess is killed with SIGKILL right after its first epoch's checkpoint; resuming it gives
     the weights of an uninterrupted run, bit for bit."""
     import subprocess
@@ -84,7 +84,7 @@ train.save_checkpoint = save_then_die
 train.train_language_model(toy_corpus(), ModelConfig(12, 8, 8, dropout=0.2), train.TrainConfig(epochs=3, batch_size=8),
                            {str(tmp_path / 'killed.pt')!r})
 """
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=one_thread_env())
     assert proc.returncode == -9, proc.stderr
     assert len(torch.load(tmp_path / "killed.pt", weights_only=True)["history"]) == 1
     cfg, train_cfg = ModelConfig(12, 8, 8, dropout=0.2), TrainConfig(epochs=3, batch_size=8)

@@ -226,6 +226,16 @@ def top_sentences(scores: np.ndarray, column: int, sentences: list[torch.Tensor]
     return {"helpful": pick(order[:shown]), "harmful": pick(order[::-1][:shown])}
 
 
+def study_sentences(corpus, config: WholeNetworkConfig) -> tuple[list, list, list[int], list, list]:
+    """The study's sentences: (scored training sentences (the first n_train), the agreement set (their first
+    n_agree), the seeded test indices, the test sentences, the validation sentences of the mean-loss query)."""
+    train = corpus.splits["train"][: config.n_train] if config.n_train else corpus.splits["train"]
+    g = torch.Generator().manual_seed(config.seed)
+    test_idx = torch.randperm(len(corpus.splits["test"]), generator=g)[: config.n_test].tolist()
+    valid = corpus.splits["valid"][: config.n_valid] if config.n_valid else corpus.splits["valid"]
+    return train, train[: config.n_agree], test_idx, [corpus.splits["test"][i] for i in test_idx], valid
+
+
 def _fit_set(corpus, config):
     from ..curvature.network_kfac import _fit_sentences
 
@@ -392,12 +402,7 @@ def whole_network_study(model, corpus, config: WholeNetworkConfig, checkpoint, o
 
     model = model.eval()
     eos = corpus.vocab.stoi["<eos>"]
-    train = corpus.splits["train"][: config.n_train] if config.n_train else corpus.splits["train"]
-    agree_set = train[: config.n_agree]
-    g = torch.Generator().manual_seed(config.seed)
-    test_idx = torch.randperm(len(corpus.splits["test"]), generator=g)[: config.n_test].tolist()
-    test = [corpus.splits["test"][i] for i in test_idx]
-    valid = corpus.splits["valid"][: config.n_valid] if config.n_valid else corpus.splits["valid"]
+    train, agree_set, test_idx, test, valid = study_sentences(corpus, config)
     stages, net = Stages(), NetworkGrads(model, eos)
     fit_args = dict(n_fit=config.n_fit, chunk_size=config.chunk_size, seed=config.seed, cache_dir=cache_dir)
     root = Path(scores_root)
@@ -626,12 +631,7 @@ def n_fit_sweep(model, corpus, config: WholeNetworkConfig, n_fits, checkpoint, o
     model = model.eval()
     eos = corpus.vocab.stoi["<eos>"]
     stages, net = Stages(), NetworkGrads(model, eos)
-    train = corpus.splits["train"][: config.n_train] if config.n_train else corpus.splits["train"]
-    agree_set = train[: config.n_agree]
-    g = torch.Generator().manual_seed(config.seed)
-    test_idx = torch.randperm(len(corpus.splits["test"]), generator=g)[: config.n_test].tolist()
-    test = [corpus.splits["test"][i] for i in test_idx]
-    valid = corpus.splits["valid"][: config.n_valid] if config.n_valid else corpus.splits["valid"]
+    train, agree_set, test_idx, test, valid = study_sentences(corpus, config)
     queries = query_gradients(net, valid, test, config.chunk_size, cache_dir)[: 1 + config.n_exact]
     exact_d = float(config.exact_dampings[0])
     fits = sorted(set(int(n) for n in n_fits) | {config.n_fit})

@@ -25,42 +25,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # this checkout's ifutils, whatever the working directory
-    sys.path.insert(0, str(ROOT))
-
-
-def maxrss_mb() -> float:
-    """Peak resident memory of this process so far, MB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from _common import ROOT, load_model, maxrss_mb
 
 
 def worker(args) -> dict:
     """One n_fit in this process (module docstring, steps 1-3)."""
     from ifutils.curvature.network_kfac import fit_network_kfac
-    from ifutils.data import load_corpus
-    from ifutils.io import load_checkpoint
-    from ifutils.model import LSTMLM, ModelConfig
 
     torch.set_num_threads(args.threads)
-    path = ROOT / args.checkpoint if args.checkpoint and not Path(args.checkpoint).is_absolute() else args.checkpoint
-    if path and Path(path).is_file():
-        model, vocab, _ = load_checkpoint(path)
-        corpus, what = load_corpus("ptb", vocab=vocab), f"checkpoint {args.checkpoint}"
-    else:
-        corpus = load_corpus("ptb")
-        torch.manual_seed(args.seed)
-        model, what = LSTMLM(ModelConfig(vocab_size=len(corpus.vocab.itos))), "random init"
-    model.eval()
+    model, corpus, what = load_model(args.checkpoint, args.seed)
     eos, train = corpus.vocab.stoi["<eos>"], corpus.splits["train"]
     floor = maxrss_mb()
     kw = {"n_fit": args.n_fit, "chunk_size": args.chunk_size, "seed": args.seed, "save_every": 1e9}

@@ -34,22 +34,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # this checkout's ifutils, whatever the working directory
-    sys.path.insert(0, str(ROOT))
+from _common import ROOT, maxrss_mb
+
 METHODS = ("loop", "batch_grads", "flat", "opacus")
 INSTALL = ".venv/bin/pip install opacus torch==2.13.0"
-
-
-def maxrss_mb() -> float:
-    """Peak resident memory of this process so far, MB (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def have_opacus() -> bool:

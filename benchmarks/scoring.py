@@ -29,37 +29,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # this checkout's ifutils, whatever the working directory
-    sys.path.insert(0, str(ROOT))
+from _common import ROOT, load_model, maxrss_mb
+
 N_TRAIN = 42_068
 
 
 def setup(args):
     """(model, eos id, training sentences, description of the model)."""
-    from ifutils.data import load_corpus
-    from ifutils.io import load_checkpoint
-    from ifutils.model import LSTMLM, ModelConfig
-
-    path = Path(args.checkpoint) if args.checkpoint else None
-    path = ROOT / path if path is not None and not path.is_absolute() else path
-    if path is not None and path.is_file():
-        model, vocab, _ = load_checkpoint(path)
-        corpus, what = load_corpus("ptb", vocab=vocab), f"checkpoint {args.checkpoint}"
-    else:
-        corpus = load_corpus("ptb")
-        torch.manual_seed(args.seed)
-        model, what = LSTMLM(ModelConfig(vocab_size=len(corpus.vocab.itos))), "random init"
-    model.eval()
+    model, corpus, what = load_model(args.checkpoint, args.seed)
     return model, corpus.vocab.stoi["<eos>"], corpus.splits["train"], what
 
 
@@ -102,7 +86,7 @@ def full_worker(args) -> dict:
     from ifutils.scoring import query_dict
 
     qs = query_dict(model, queries(model, args.full_queries, args.seed + 2))  # one per-tensor copy held
-    floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    floor = maxrss_mb()
     reset = _reset_peak()  # Linux: the peak below is the scoring's own (queries included), not the set-up's
     _, seconds = timed_scores(model, eos_id, prefix, qs, args.full_method, args.chunk_size, args.query_block)
     scoring_peak = _peak_mib() if reset else None
@@ -110,8 +94,8 @@ def full_worker(args) -> dict:
     part = padded_tokens(prefix, args.chunk_size)
     return {"method": args.full_method, "queries": args.full_queries, "prefix": len(prefix), "seconds": seconds,
             "prefix_padded_tokens": part, "all_padded_tokens": full, "n_train": len(train),
-            "extrapolated_seconds": seconds * full / part, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            / 1024, "floor_mb": floor, "scoring_peak_mb": scoring_peak, "model": what}
+            "extrapolated_seconds": seconds * full / part, "peak_mb": maxrss_mb(),
+            "floor_mb": floor, "scoring_peak_mb": scoring_peak, "model": what}
 
 
 def main(argv=None) -> int:

@@ -16,10 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
+
+import numpy as np
 
 from ifutils.config import add_arguments, from_args
 from ifutils.data import load_corpus
 from ifutils.experiments.lds import CHOICE_FILE, LdsConfig, choose_epochs, model_root, study_units, train_study
+from ifutils.experiments.lds_methods import MethodsConfig
 from ifutils.io import project_path, resolve_device
 from ifutils.retrain import RetrainSpec
 
@@ -33,10 +37,9 @@ def main() -> None:
     parser.add_argument("--stage", choices=("choose", "train", "status", "score"), required=True,
                         help="choose: the epoch count; train: the models; status: how many are finished; score: the "
                              "influence of every curvature and the LDS of the finished subsets (results/ptb_lds.json)")
-    parser.add_argument("--n-queries", type=int, default=100, help="validation sentences whose losses are predicted")
-    parser.add_argument("--dampings", type=float, nargs="+", default=[1e-5, 1e-4, 1e-3, 1e-2, 1e-1],
-                        help="absolute dampings of the sweep (besides the default, 0.1 x EK-FAC's mean eigenvalue)")
-    parser.add_argument("--results", default="results/ptb_lds.json")
+    add_arguments(parser, MethodsConfig)
+    parser.add_argument("--results", default=None, help="results file of --stage score (default: results/ptb_lds.json "
+                        "for the default configuration, results/ptb_lds_<hash>.json otherwise)")
     parser.add_argument("--shard", default="0/1", help="i/k: train units j with j mod k == i (default 0/1: all)")
     parser.add_argument("--root", default="checkpoints/lds", help="where the models live")
     parser.add_argument("--device", default="cpu")
@@ -76,35 +79,66 @@ def main() -> None:
     print(f"shard {i}/{k}: {len(finished)} models finished")
 
 
-def score(corpus, spec, config, root, args) -> None:
-    """Predictions of the full-data model for every curvature and damping, and the LDS of the finished subsets."""
-    from dataclasses import asdict
-
-    from ifutils.experiments.lds import lds_predictions, lds_table, measured_losses, query_indices, study_root
+def results_path(args, spec, config, mconfig, wconfig) -> str:
+    """``--results`` if given; else results/ptb_lds.json for the default design and methods, and
+    results/ptb_lds_<8 hex>.json for any other (a run never overwrites another configuration's results)."""
+    if args.results:
+        return args.results
+    from ifutils.experiments.runs import derive_name
     from ifutils.experiments.whole_network import WholeNetworkConfig
+
+    drop = lambda d: {k: v for k, v in d.items() if k not in ("threads", "chunk_size", "groups")}  # noqa: E731
+    settings = {**drop(asdict(spec)), **drop(asdict(config)), **drop(asdict(mconfig)), **drop(asdict(wconfig))}
+    defaults = {**drop(asdict(RetrainSpec(epochs=spec.epochs))), **drop(asdict(LdsConfig())),
+                **drop(asdict(MethodsConfig())), **drop(asdict(WholeNetworkConfig()))}
+    return f"results/{derive_name('ptb_lds', settings, defaults)}.json"
+
+
+def score(corpus, spec, config, root, args) -> None:
+    """Every method's predictions on the full-data model and the LDS over the finished subsets; the results file is
+    rewritten after each method group, so a stopped run keeps what it finished and a rerun reads it back."""
+    from ifutils.experiments.lds import best_dampings, lds_table, measured_losses, query_indices, study_root
+    from ifutils.experiments.lds_methods import Context, method_predictions
+    from ifutils.experiments.whole_network import Stages, WholeNetworkConfig
     from ifutils.io import atomic_write, checkpoint_record, environment, load_checkpoint
     from ifutils.retrain import load_records, select_train
 
+    mconfig = from_args(MethodsConfig, args)
+    wconfig = WholeNetworkConfig()
+    out_path = project_path(results_path(args, spec, config, mconfig, wconfig))
     choice = json.loads((model_root(root, spec) / CHOICE_FILE).read_text())
     model, _, _ = load_checkpoint(choice["checkpoint"], resolve_device(args.device))
     units = study_units(spec, config)
     records = load_records(study_root(root, spec, config), units)
-    queries = query_indices(corpus, args.n_queries, config.subset_seed)
+    queries = query_indices(corpus, mconfig.n_queries, config.subset_seed)
     masks, losses, _ = measured_losses(records, units, config.seeds, queries, spec.n_train)
     small = select_train(corpus, spec.n_train, range(spec.n_train))
-    wconfig = WholeNetworkConfig()
-    predictions, info = lds_predictions(model, small, spec.n_train, queries, wconfig, args.dampings,
-                                        project_path("cache/lds_scores"), project_path("cache"))
-    table = lds_table(predictions, masks, losses)
-    out = {"spec": asdict(spec), "design": asdict(config), "M": int(masks.shape[0]), "S": len(config.seeds),
-           "beta": config.beta, "queries": queries, "finished_models": len(records), "prediction": info,
-           "whole_network_config": asdict(wconfig), "lds": table,
-           "provenance": {"checkpoint": checkpoint_record(choice["checkpoint"])}, "environment": environment()}
-    atomic_write(project_path(args.results), lambda tmp: tmp.write_text(json.dumps(out, indent=1, default=float)))
-    for name, r in table.items():
-        print(f"{name:>28s}: LDS {r['lds']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] (ceiling {r['ceiling']}) over "
-              f"{r['subsets']} subsets")
-    print(f"wrote {args.results}")
+    full = model_root(root, spec) / "full"
+    checkpoints = [(str(full / f"model_epoch{h['epoch']}.pt"), h["lr"]) for h in choice["history"][: spec.epochs]]
+    stages = Stages()
+    ctx = Context(model, small, masks, queries, mconfig, wconfig, checkpoints, project_path("cache"), stages)
+    complete = int((~np.isnan(losses).any(axis=(1, 2))).sum())
+
+    def write(group, predictions):
+        table = lds_table(predictions, losses, mconfig.n_solver_queries) if complete >= 3 else {}
+        out = {"spec": asdict(spec), "design": asdict(config), "methods_config": asdict(mconfig),
+               "whole_network_config": asdict(wconfig), "M": int(masks.shape[0]), "complete_subsets": complete,
+               "S": len(config.seeds), "beta": config.beta, "queries": queries, "finished_models": len(records),
+               "default_damping": ctx.default_damping, "groups_done": sorted({v["group"] for v in predictions.values()}),
+               "methods": {k: {"group": v["group"], "dampings": v["dampings"], "default_damping": v["default_damping"],
+                               "meta": v["meta"]} for k, v in predictions.items()},
+               "spectrum": ctx._spectrum, "lds": table, "best": best_dampings(table), "stages": stages.records,
+               "provenance": {"checkpoint": checkpoint_record(choice["checkpoint"]),
+                              "epochs": spec.epochs, "tracin_checkpoints": checkpoints},
+               "environment": environment()}
+        atomic_write(out_path, lambda tmp: tmp.write_text(json.dumps(out, indent=1, default=float)))
+        print(f"[{group}] wrote {out_path} ({complete} complete subsets)", flush=True)
+
+    predictions = method_predictions(ctx, on_group=write)
+    if complete >= 3:
+        for name, r in lds_table(predictions, losses, mconfig.n_solver_queries).items():
+            print(f"{name:>28s}: LDS {r['lds']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] (ceiling {r['ceiling']:.3f}) "
+                  f"over {r['subsets']} subsets, {r['queries']} queries")
 
 
 if __name__ == "__main__":

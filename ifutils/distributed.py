@@ -33,6 +33,7 @@ __all__ = [
     "gather_rows",
     "init",
     "is_main",
+    "process_world",
     "rank",
     "shard",
     "world_size",
@@ -72,6 +73,21 @@ def world_size() -> int:
 def is_main() -> bool:
     """True on rank 0 (and in a single process): the rank that writes files and prints."""
     return rank() == 0
+
+
+def process_world(distributed: bool | None) -> tuple[int, int]:
+    """(rank, world) a sharded computation runs over: the process group's with ``distributed`` None (when one is
+    initialised) or True, (0, 1) with False.
+
+    Raises:
+        ValueError: ``distributed=True`` without an initialised process group.
+    """
+    if distributed is None:
+        distributed = active()
+    if distributed and not active():
+        raise ValueError("distributed=True needs a process group: launch with torchrun and call "
+                         "ifutils.distributed.init() first, or pass distributed=None/False")
+    return (rank(), world_size()) if distributed else (0, 1)
 
 
 def init(device: str | torch.device | None = None, backend: str | None = None) -> Context:

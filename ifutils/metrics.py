@@ -115,11 +115,35 @@ def linear_datamodeling_score(scores, masks, losses, seed: int = 0, resamples: i
                          f"{losses.shape}")
     if masks.shape[1] != scores.shape[0] or losses.shape[0] != masks.shape[0] or losses.shape[2] != scores.shape[1]:
         raise ValueError(f"shapes disagree: scores {scores.shape}, masks {masks.shape}, losses {losses.shape}")
+    return datamodel_score(masks @ scores, losses, seed, resamples)
+
+
+def datamodel_score(predicted, losses, seed: int = 0, resamples: int = 1000) -> dict:
+    """The linear datamodeling score of predictions already summed over each subset (Park et al. 2023, eq. 4).
+
+    :func:`linear_datamodeling_score` with ``predicted = masks @ scores``; for predictions formed without the
+    (n, Q) scores, e.g. -G_m^T q from subset gradient sums (:mod:`ifutils.datamodels`).
+
+    Args:
+        predicted: (M, Q) predicted query loss change of subset m (any monotone scale per query).
+        losses: (M, S, Q) measured query losses (nats/token); NaN for a model not trained yet (the subset is left
+            out when any of its seeds is missing).
+    Returns:
+        the dict of :func:`linear_datamodeling_score`.
+    Raises:
+        ValueError: inconsistent shapes, non-finite predictions, or fewer than 3 complete subsets.
+    """
+    predicted, losses = (np.asarray(x.double().cpu() if torch.is_tensor(x) else x, dtype=np.float64)
+                         for x in (predicted, losses))
+    if predicted.ndim != 2 or losses.ndim != 3 or predicted.shape != (losses.shape[0], losses.shape[2]):
+        raise ValueError(f"shapes disagree: predicted {predicted.shape} must be (M, Q) of losses (M, S, Q) "
+                         f"{losses.shape}")
+    if not np.isfinite(predicted).all():
+        raise ValueError("predicted holds NaN or Inf (a diverged solver?)")
     done = ~np.isnan(losses).any(axis=(1, 2))
     if done.sum() < 3:
         raise ValueError(f"only {int(done.sum())} subsets have every seed's losses; the LDS needs at least 3")
-    masks, losses = masks[done], losses[done]
-    predicted = masks @ scores  # (M, Q)
+    predicted, losses = predicted[done], losses[done]
     actual = losses.mean(1)
 
     def per_query(a, b):  # Spearman over subsets, per column

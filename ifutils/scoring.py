@@ -370,18 +370,7 @@ def score_all(model: LSTMLM, sentences: list[torch.Tensor], eos_id: int, queries
     return np.load(paths["scores"], mmap_mode="r")
 
 
-def _world(distributed: bool | None) -> tuple[int, int]:
-    """(rank, world) of the scoring: the process group's (``distributed`` None with a group, or True), else (0, 1).
-
-    Raises:
-        ValueError: ``distributed=True`` without an initialised process group.
-    """
-    if distributed is None:
-        distributed = dist_utils.active()
-    if distributed and not dist_utils.active():
-        raise ValueError("distributed=True needs a process group: launch with torchrun and call "
-                         "ifutils.distributed.init() first, or pass distributed=None/False")
-    return (dist_utils.rank(), dist_utils.world_size()) if distributed else (0, 1)
+_world = dist_utils.process_world  # (rank, world) of the scoring
 
 
 def _open_run(paths: dict[str, Path], config: dict, perm: np.ndarray, shape: tuple[int, int], dtype: str,

@@ -85,8 +85,7 @@ def test_lds_study_on_a_tiny_corpus_assembles_the_measured_losses_and_scores_eve
     measured-loss array against the records read one by one and the LDS against the metric on those arrays."""
     import json
 
-    from ifutils.experiments.lds import LdsConfig, lds_predictions, lds_table, measured_losses, query_indices, study_units
-    from ifutils.experiments.whole_network import WholeNetworkConfig
+    from ifutils.experiments.lds import LdsConfig, measured_losses, query_indices, study_units
     from ifutils.io import load_checkpoint
     from ifutils.retrain import RetrainSpec, Unit, run_units, train_unit
 
@@ -110,12 +109,92 @@ def test_lds_study_on_a_tiny_corpus_assembles_the_measured_losses_and_scores_eve
             assert list(losses[m, k, 1:]) == [r["valid_losses"][q] for q in queries]
         unit = next(u for u in units if u.name == f"{name}_s0")
         assert np.flatnonzero(masks[m]).tolist() == sorted(unit.indices)
-    config = WholeNetworkConfig(n_fit=10, n_test=3, n_exact=0, exact_curvatures=(), chunk_size=8)
-    predictions, info = lds_predictions(model.eval(), corpus, 40, queries, config, (0.1,), tmp_path / "scores")
-    assert {k for k, _ in predictions} == {"ekfac", "kfac", "ekfac_ef", "kfac_ef", "mc_fisher_k1_diag", "ef_diag",
-                                           "identity"}
-    table = lds_table(predictions, masks, losses)
-    entry = table["identity@0.1"]
-    expected = linear_datamodeling_score(predictions[("identity", 0.1)][:, 1:], masks, losses[:, :, 1:])
+    _check_every_method(model.double().eval(), corpus, masks, losses, queries, tmp_path)
+
+
+def _check_every_method(model, corpus, masks, losses, queries, tmp_path):
+    import copy
+
+    """Every method group on the tiny model, against oracles built from a loop of per-sentence autograd gradients:
+    identity and cosine (closed form), the Kronecker curvatures (their own solve instead of the eigenbasis
+    rotation), the diagonal Fishers, TRAK (the dense projection matrix), TracIn (weighted sum over checkpoints),
+    multi-shift CG on the GGN (a dense GGN built column by column); then the LDS table against the metric."""
+    from ifutils.curvature.estimators import CurvatureProducts
+    from ifutils.curvature.network_kfac import diagonal_fisher, ekfac_network_curvature, fit_network_kfac
+    from ifutils.experiments.lds import best_dampings, lds_table
+    from ifutils.experiments.lds_methods import GROUPS, Context, MethodsConfig, method_predictions
+    from ifutils.experiments.whole_network import Stages, WholeNetworkConfig
+    from ifutils.io import save_checkpoint
+
+    from .test_datamodels import _flat_loop
+
+    eos = corpus.vocab.stoi["<eos>"]
+    train, valid = corpus.splits["train"][:40], corpus.splits["valid"]
+    g = _flat_loop(model, train)
+    gv = _flat_loop(model, valid)
+    gq = torch.cat([gv.mean(0, keepdim=True), gv[queries]])  # (1 + Q, P)
+    w = torch.tensor(masks, dtype=torch.float64)
+    ckpt = tmp_path / "ckpt.pt"
+    save_checkpoint(ckpt, model, corpus.vocab)  # the scored model itself: its TracIn term is the identity's
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ckpt2 = tmp_path / "other.pt"
+    save_checkpoint(ckpt2, other, corpus.vocab)  # an earlier checkpoint: a pass of its own (float32 on reload)
+    g2, gv2 = _flat_loop(other.float().double(), train), _flat_loop(other.float().double(), valid)
+    gq2 = torch.cat([gv2.mean(0, keepdim=True), gv2[queries]])
+    wconfig = WholeNetworkConfig(n_fit=10, n_test=3, n_exact=0, exact_curvatures=(), chunk_size=8)
+    mconfig = MethodsConfig(n_queries=len(queries), dampings=(1e-2, 1.0), n_solver_queries=2, cg_tol=1e-10,
+                            cg_max_iter=400, arnoldi_rank=4, lissa_depth=20, lissa_batch=5, k_out=2, k_in=2,
+                            subset_coords=6)
+    ctx = Context(model, corpus, masks, queries, mconfig, wconfig, [(str(ckpt), 0.5), (str(ckpt2), 0.25)],
+                  tmp_path / "cache", Stages())
+    seen = []
+    preds = method_predictions(ctx, on_group=lambda name, _: seen.append(name))
+    assert seen == list(GROUPS)
+    brute = -(w @ g @ gq.T).numpy()
+    np.testing.assert_allclose(preds["identity"]["pred"][0], brute, rtol=1e-5, atol=1e-8)  # float32 storage
+    unit = g / g.norm(dim=1, keepdim=True)
+    np.testing.assert_allclose(preds["cosine"]["pred"][0], -(w @ unit @ (gq / gq.norm(dim=1, keepdim=True)).T).numpy(),
+                               rtol=1e-6, atol=1e-10)
+    np.testing.assert_allclose(preds["tracin"]["pred"][0], 0.5 * brute - 0.25 * (w @ g2 @ gq2.T).numpy(),
+                               rtol=1e-4, atol=1e-7)
+    factors = fit_network_kfac(model, train, eos, labels="model", n_fit=10, chunk_size=8, seed=0)
+    ekfac = ekfac_network_curvature(factors)
+    assert preds["ekfac"]["dampings"][0] == pytest.approx(0.1 * ekfac.mean_eigenvalue())
+    for k, d in enumerate(preds["ekfac"]["dampings"]):
+        expected = -(w @ g @ ekfac.solve(gq.T, d)).numpy()
+        np.testing.assert_allclose(preds["ekfac"]["pred"][k], expected, rtol=1e-5, atol=1e-9)
+    diag = diagonal_fisher(model, train, eos, labels="data", n_fit=10, chunk_size=8, seed=0)
+    np.testing.assert_allclose(preds["ef_diag"]["pred"][1], -(w @ g @ (gq / (diag.d + 1e-2)).T).numpy(), rtol=1e-5)
+    proj = ctx.projection().matrix().double()
+    phi, phi_q = g @ proj.T, gq @ proj.T
+    kernel = phi.T @ phi / len(phi)
+    d = preds["trak"]["dampings"][2]
+    expected = -((w @ phi) @ torch.linalg.solve(kernel + d * torch.eye(len(kernel), dtype=torch.float64), phi_q.T))
+    np.testing.assert_allclose(preds["trak"]["pred"][2], expected.numpy(), rtol=1e-4, atol=1e-8)
+    products = CurvatureProducts(model, ctx.fit, eos)
+    eye = torch.eye(products.p, dtype=torch.float64)
+    ggn = torch.stack([products.fisher_vp(c) for c in eye], 1)
+    for k, d in enumerate(preds["ggn"]["dampings"]):
+        x = torch.linalg.solve(ggn + d * eye, gq[:3].T)
+        np.testing.assert_allclose(preds["ggn"]["pred"][k], -(w @ g @ x).numpy(), rtol=1e-4, atol=1e-8)
+    assert preds["ggn"]["pred"].shape[2] == 3 and preds["hessian_lissa"]["pred"].shape[2] == 3
+    for key in ("subset_hessian", "ggn_arnoldi_r4", "arnoldi_r4", "kfac", "ekfac_ef", "kfac_ef", "mc_fisher_k1_diag"):
+        assert np.isfinite(preds[key]["pred"]).all(), key
+    table = lds_table(preds, losses, n_solver=2)
+    entry = table["identity"]
+    expected = linear_datamodeling_score(-(g @ gq.T).numpy()[:, 1:], masks, losses[:, :, 1:])
     assert entry["lds"] == pytest.approx(expected["lds"]) and entry["ceiling"] == pytest.approx(expected["ceiling"])
-    assert -1 <= entry["validation"] <= 1 and len(table) == 7 * 2
+    assert -1 <= entry["validation"] <= 1 and entry["damping"] is None
+    assert table[f"ekfac@{preds['ekfac']['dampings'][0]:.3g}"]["default"]
+    assert entry["solver_queries"]["lds"] == pytest.approx(np.mean(expected["per_query"][:2]))
+    best = best_dampings(table)
+    assert best["ekfac"]["lds"] == max(r["lds"] for r in table.values() if r["key"] == "ekfac")
+    # a rerun reads every group back from the cache (no stage runs again)
+    again = Context(model, corpus, masks, queries, mconfig, wconfig, [(str(ckpt), 0.5), (str(ckpt2), 0.25)],
+                    tmp_path / "cache", Stages())
+    second = method_predictions(again)
+    assert not any(name.startswith("method group") for name in again.stages.records)
+    np.testing.assert_array_equal(second["ekfac"]["pred"], preds["ekfac"]["pred"])

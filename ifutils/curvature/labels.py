@@ -4,7 +4,8 @@ Code and results files name a curvature by its key (``"ggn"``, ``"ekfac"``); onl
 into text, through :func:`label`. Derived forms append a suffix to their parent's key: ``"<key>_diag"`` (the
 diagonal), ``"<key>_blockdiag"`` (block-diagonal, one block per parameter tensor); the Monte Carlo true Fisher
 carries its number of label draws, ``"mc_fisher_k4"``; the Arnoldi iHVP its rank, ``"arnoldi_r64"`` (projection
-onto the top Ritz pairs, Schioppa et al. 2022) and ``"arnoldi_r64_complement"`` (1/damping on their complement).
+onto the top Ritz pairs of the Hessian, Schioppa et al. 2022), ``"arnoldi_r64_complement"`` (1/damping on their
+complement) and ``"ggn_arnoldi_r64"`` (the same projection for the GGN).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ LABELS: dict[str, str] = {
     "arnoldi": "Hessian (Arnoldi)",
     "identity": "identity (gradient dot product)",
     "cosine": "gradient cosine",
+    "tracin": "TracIn (summed over checkpoints)",
+    "trak": "TRAK-style (random projection + projected EF)",
+    "subset_hessian": "512-coordinate subset Hessian",
 }
 """Base key -> display label."""
 
@@ -35,6 +39,7 @@ SUFFIXES = {"_diag": " (diag)", "_blockdiag": " (block-diag)"}
 
 _MC = re.compile(r"^mc_fisher_k(\d+)$")
 _ARNOLDI = re.compile(r"^arnoldi_r(\d+)(_complement)?$")
+_GGN_ARNOLDI = re.compile(r"^ggn_arnoldi_r(\d+)$")
 
 
 def label(key: str) -> str:
@@ -53,6 +58,8 @@ def label(key: str) -> str:
         return f"true Fisher (MC, k={int(m[1])})"
     if m := _ARNOLDI.match(key):
         return f"Hessian (Arnoldi, r={int(m[1])}, {'+ complement' if m[2] else 'Schioppa'})"
+    if m := _GGN_ARNOLDI.match(key):
+        return f"GGN (Arnoldi, r={int(m[1])}, Schioppa)"
     if key in LABELS:
         return LABELS[key]
     raise KeyError(f"unknown curvature key {key!r}; base keys are {', '.join(LABELS)} (with _diag, _blockdiag, "
@@ -72,6 +79,8 @@ def key_of(text: str) -> str:
         return f"mc_fisher_k{m[1]}"
     if m := re.match(r"^Hessian \(Arnoldi, r=(\d+), (Schioppa|\+ complement)\)$", text):
         return f"arnoldi_r{m[1]}" + ("_complement" if m[2] != "Schioppa" else "")
+    if m := re.match(r"^GGN \(Arnoldi, r=(\d+), Schioppa\)$", text):
+        return f"ggn_arnoldi_r{m[1]}"
     for key, shown in LABELS.items():
         if shown == text:
             return key

@@ -253,6 +253,30 @@ class KroneckerNetworkCurvature(Curvature):
             out[sl] = self._rotate(x, n, forward=False).reshape(r * c, -1)
         return out.reshape(v.shape)
 
+    def to_eigenbasis(self, v: torch.Tensor) -> torch.Tensor:
+        """(P,) or (P, m) -> the same in the eigenbasis, block W: vec(Q_row^T V_W Q_col), float64.
+
+        With :meth:`eigenvalue_vector` e, (C + lambda I)^{-1} = Q diag(1 / (e + lambda)) Q^T, so for vectors a, b
+        a^T (C + lambda I)^{-1} b = sum_k (Q^T a)_k (Q^T b)_k / (e_k + lambda) for every lambda from one rotation.
+
+        Raises:
+            ValueError: v not (P,) or (P, m).
+        """
+        if v.dim() not in (1, 2) or v.shape[0] != self.p:
+            raise ValueError(f"v must be ({self.p},) or ({self.p}, m), got {tuple(v.shape)}")
+        device = next(iter(self.eigenvalues.values())).device
+        cols = v.to(device=device, dtype=torch.float64).reshape(self.p, -1)
+        out = torch.empty_like(cols)
+        for n in self.names:
+            r, c = _rows_cols(self.shapes[n])
+            sl = slice(self.offsets[n], self.offsets[n] + r * c)
+            out[sl] = self._rotate(cols[sl].reshape(r, c, -1), n, forward=True).reshape(r * c, -1)
+        return out.reshape(v.shape)
+
+    def eigenvalue_vector(self) -> torch.Tensor:
+        """(P,) float64 eigenvalues in the layout of :meth:`to_eigenbasis`."""
+        return torch.cat([self.eigenvalues[n].reshape(-1) for n in self.names])
+
     def _rotate(self, x: torch.Tensor, name: str, forward: bool) -> torch.Tensor:
         """Q_row^T x Q_col (forward) or Q_row x Q_col^T, for x (r, c, m)."""
         q_row, q_col = self.bases[name]
@@ -456,19 +480,7 @@ def _diag_chunk(net, s, draws, lengths, n: int, add) -> None:
             add(name, torch.einsum("b...,b->...", g**2, weight[sl]) / draws)
 
 
-def _world(distributed: bool | None) -> tuple[int, int]:
-    """(rank, world) the fit shards over: the process group's with ``distributed`` None (when one is initialised)
-    or True, (0, 1) with False.
-
-    Raises:
-        ValueError: ``distributed=True`` without an initialised process group.
-    """
-    if distributed is None:
-        distributed = dist_utils.active()
-    if distributed and not dist_utils.active():
-        raise ValueError("distributed=True needs a process group: launch with torchrun and call "
-                         "ifutils.distributed.init() first, or pass distributed=None/False")
-    return (dist_utils.rank(), dist_utils.world_size()) if distributed else (0, 1)
+_world = dist_utils.process_world  # (rank, world) the fit shards over
 
 
 def _all_have(found: bool, world: int) -> bool:

@@ -17,6 +17,7 @@ model; the records hold every validation sentence's loss, so the queries can be 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -141,74 +142,50 @@ def measured_losses(records: dict, units: list[Unit], seeds, queries: list[int],
     return masks, losses, subsets
 
 
-def lds_table(predictions: dict, masks: np.ndarray, losses: np.ndarray, seed: int = 0) -> dict:
-    """{"<key>@<damping>": linear datamodeling score} for (n_train, 1 + Q) predicted influences per (key, damping):
-    the LDS over the Q sentence queries (column 0, the mean validation loss, reported apart as ``validation``:
-    the Spearman over subsets of that one query)."""
+def lds_table(predictions: dict, losses: np.ndarray, n_solver: int, seed: int = 0) -> dict:
+    """The LDS of every method and damping (Park et al. 2023, eq. 4; :func:`ifutils.metrics.datamodel_score`).
+
+    Args:
+        predictions: {key: {"dampings", "pred" (D, M, W), ...}} of
+            :func:`~ifutils.experiments.lds_methods.method_predictions`; column 0 the mean validation loss,
+            columns 1.. sentence queries (W = 1 + Q, or 1 + n_solver for the solver methods).
+        losses: (M, S, 1 + Q) measured losses (:func:`measured_losses`), NaN for unfinished models.
+        n_solver: the first n_solver sentence queries, on which every method is also scored (like for like with
+            CG and LiSSA).
+    Returns:
+        {"<key>@<damping>" (or "<key>" for a damping-free method): {"key", "damping", "default" (True at the
+        method's default damping, ``entry["default_damping"]``), "lds", "ci", "ceiling", "ceiling_ci", "subsets", "seeds", "queries", "per_query",
+        "validation" (Spearman over subsets of the mean-validation-loss query), "solver_queries" (the LDS on the
+        first n_solver queries, with its CI and ceiling)}}.
+    """
     from scipy import stats
 
-    from ..metrics import linear_datamodeling_score
+    from ..metrics import datamodel_score
 
     done = ~np.isnan(losses).any(axis=(1, 2))
     out = {}
-    for (key, d), scores in predictions.items():
-        entry = linear_datamodeling_score(scores[: masks.shape[1], 1:], masks, losses[:, :, 1:], seed)
-        pred = masks[done] @ scores[: masks.shape[1], 0]
-        entry["validation"] = float(stats.spearmanr(pred, losses[done, :, 0].mean(1))[0])
-        out[f"{key}@{d:g}"] = {"curvature": key, "damping": d, **entry}
+    for key, entry in predictions.items():
+        for k, d in enumerate(entry["dampings"]):
+            pred = entry["pred"][k]
+            width = pred.shape[1]
+            main = datamodel_score(pred[:, 1:], losses[:, :, 1:width], seed)
+            small = datamodel_score(pred[:, 1 : 1 + n_solver], losses[:, :, 1 : 1 + n_solver], seed)
+            valid = float(stats.spearmanr(pred[done, 0], losses[done, :, 0].mean(1))[0])
+            name = key if d is None else f"{key}@{d:.3g}"
+            default = entry.get("default_damping")
+            out[name] = {"key": key, "damping": d, "default": d is not None and default is not None
+                         and math.isclose(d, default, rel_tol=1e-9),
+                         "queries": width - 1, **{f: main[f] for f in ("lds", "ci", "ceiling", "ceiling_ci", "subsets",
+                                                                        "seeds", "per_query")},
+                         "validation": valid,
+                         "solver_queries": {f: small[f] for f in ("lds", "ci", "ceiling", "subsets")}}
     return out
 
 
-def lds_predictions(model, corpus: Corpus, n_train: int, queries: list[int], config, dampings, scores_root,
-                    cache_dir=None, stages=None) -> tuple[dict, dict]:
-    """Influence of each of the first ``n_train`` training sentences on the mean validation loss and on each
-    validation sentence of ``queries``, for every whole-network curvature of the whole-network study (KFAC and
-    EK-FAC with true-Fisher and data labels, diagonal true Fisher and EF, identity), at the default damping
-    (``config.alpha`` x EK-FAC's mean eigenvalue) and at each absolute damping of ``dampings``.
-
-    ``config`` is a :class:`~ifutils.experiments.whole_network.WholeNetworkConfig` (n_fit, mc_samples, alpha,
-    seed, chunk_size, pass_gib are used). Scores stream into resumable pass directories under ``scores_root``.
-
-    Returns:
-        ({(key, damping): (n_train, 1 + Q) float32 influence}, info dict: default damping, passes, curvature means).
-    """
-    from ..cache import fingerprint
-    from ..curvature.base import IdentityCurvature
-    from ..curvature.network_kfac import (
-        diagonal_fisher,
-        ekfac_network_curvature,
-        fit_network_kfac,
-        kfac_network_curvature,
-    )
-    from ..network import NetworkGrads
-    from .whole_network import Stages, query_gradients, score_passes
-
-    stages = stages or Stages()
-    model = model.eval()
-    eos = corpus.vocab.stoi["<eos>"]
-    net = NetworkGrads(model, eos)
-    valid = corpus.splits["valid"]
-    with stages("query gradients (validation)"):
-        grads = query_gradients(net, valid, [valid[i] for i in queries], config.chunk_size, cache_dir)
-    fit_args = dict(n_fit=config.n_fit, chunk_size=config.chunk_size, seed=config.seed, cache_dir=cache_dir)
-    curvatures = {}
-    for labels in ("model", "data"):
-        with stages(f"KFAC + EK-FAC factors ({labels} labels)"):
-            factors = fit_network_kfac(model, corpus.splits["train"], eos, labels=labels,
-                                       mc_samples=config.mc_samples, **fit_args)
-        for c in (ekfac_network_curvature(factors), kfac_network_curvature(factors)):
-            curvatures[c.name] = c
-        with stages(f"diagonal Fisher ({labels} labels)"):
-            c = diagonal_fisher(model, corpus.splits["train"], eos, labels=labels, mc_samples=config.mc_samples,
-                                **fit_args)
-        curvatures[c.name] = c
-    curvatures["identity"] = IdentityCurvature(net.p, "identity")
-    default = config.alpha * curvatures["ekfac"].mean_eigenvalue()
-    blocks = [(key, d, None, len(grads)) for key in curvatures for d in [default, *map(float, dampings)]]
-    weights = {k: v.detach() for k, v in model.state_dict().items()}
-    name = [fingerprint(weights), n_train, queries, config.n_fit, config.mc_samples, config.seed, config.chunk_size]
-    scores, passes = score_passes(model, corpus.splits["train"][:n_train], eos, blocks, grads, curvatures,
-                                  Path(scores_root), name, config.pass_gib, config.chunk_size, stages, what="lds")
-    info = {"default_damping": default, "passes": passes,
-            "mean_eigenvalues": {k: (c.mean_eigenvalue() if k != "identity" else 1.0) for k, c in curvatures.items()}}
-    return scores, info
+def best_dampings(table: dict) -> dict:
+    """{key: the entry of its damping with the highest LDS} over the damped entries of :func:`lds_table`."""
+    best = {}
+    for name, r in table.items():
+        if r["damping"] is not None and (r["key"] not in best or r["lds"] > best[r["key"]]["lds"]):
+            best[r["key"]] = {"name": name, **{f: r[f] for f in ("damping", "lds", "ci", "ceiling")}}
+    return best

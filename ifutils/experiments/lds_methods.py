@@ -1,0 +1,490 @@
+"""Every attribution method's LDS predictions on the full-data model of the LDS study (issue 15, item 3).
+
+For M training subsets S_m (masks W, (M, n)) and queries q (the mean validation loss, then Q validation sentences),
+a method predicts the change of the query loss of a model retrained on S_m as the summed attribution of its
+sentences. Every method here is linear in the training gradients, so its prediction is formed from subset sums
+G = W g of one pass over the training set (:func:`ifutils.datamodels.gradient_sums`), never from the (n, Q) scores:
+
+    curvature C at damping lambda:  f_q(S_m) = -G_m^T (C + lambda I)^{-1} g_q          (Koh & Liang 2017, eq. 2)
+
+* ``fishers``: EK-FAC and KFAC with true-Fisher and data labels, diagonal true Fisher and EF, all from the same
+  ``n_fit`` sentences as the whole-network study. For the Kronecker curvatures G and g are rotated once into the
+  eigenbasis, after which every damping is a weighted dot product: -sum_k (Q^T G_m)_k (Q^T g_q)_k / (e_k + lambda);
+* ``identity``: -G_m^T g_q (TracIn at the last checkpoint, Pruthi et al. 2020; any damping only rescales it);
+* ``cosine``: -sum_{i in S_m} cos(g_i, g_q) (unit-norm sums of the same pass);
+* ``trak``: TRAK-style (Park et al. 2023, eq. 13 with loss gradients and one model): phi = P g with a Kronecker
+  random projection (:class:`~ifutils.datamodels.KroneckerProjection`), f_q(S_m) = -(sum_{i in S_m} phi_i)^T
+  (Phi^T Phi / n + lambda I)^{-1} phi_q;
+* ``tracin``: TracIn over the checkpoints of the full-data model's training (Pruthi et al. 2020, eq. 3):
+  -sum_k eta_k G_m^{(k)T} g_q^{(k)}, eta_k the epoch's learning rate, gradients at checkpoint k;
+* ``subset``: today's 512-coordinate subset (``default_subset(model, "recurrent")``) with its exact Hessian on the
+  fit sentences: -G_m[S]^T (H_S + lambda I)^{-1} g_q[S], what the sliver of the subset study sees;
+* ``arnoldi``: the top-``arnoldi_rank`` Ritz pairs of the whole-network GGN and Hessian on the fit sentences
+  (Schioppa et al. 2022, Alg. 1, projection onto the Ritz vectors): -(V^T G_m)^T diag(1 / (e + lambda)) V^T g_q;
+* ``cg``: the exact GGN and Hessian inverses by multi-shift CG (:func:`~ifutils.curvature.multishift.multishift_cg`,
+  every damping from one Krylov run per query; the Hessian only at dampings where H + lambda I is positive
+  definite by Lanczos), on the validation query and the first ``n_solver_queries`` sentence queries;
+* ``lissa``: the Hessian by LiSSA with mini-batch products (Agarwal et al. 2017; Koh & Liang 2017, sec. 3), the
+  same queries, positive definite dampings only.
+
+Dampings: every curvature method at the study's default lambda_0 = alpha x the mean eigenvalue of EK-FAC (the one
+absolute damping of the whole-network study) and at each absolute damping of ``dampings``; TRAK at alpha x the mean
+eigenvalue of its projected kernel and the same absolute grid.
+
+Each group's predictions are cached under its own key (its code, the model's weights, the masks and queries and
+the configuration), so a killed run redoes at most the group it was in (CG and LiSSA cache every query column).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..cache import ChunkCache
+from ..config import param, validate_fields
+from ..curvature.inverse import SolverWarning
+from ..datamodels import GradientSums, KroneckerProjection, fingerprint_weights, gradient_sums
+from ..network import NetworkGrads
+from ..progress import log, progress
+
+GROUPS = ("identity", "cosine", "fishers", "trak", "subset", "tracin", "arnoldi", "cg", "lissa")
+"""Method groups, cheapest first (the order they run in)."""
+
+
+@dataclass
+class MethodsConfig:
+    """How the LDS predictions are formed (saved with the results)."""
+
+    n_queries: int = param(100, "validation sentences whose retrained losses are predicted (with the mean validation loss)")
+    dampings: tuple[float, ...] = param((1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0),
+                                        "absolute dampings of the sweep (5 decades), besides each default")
+    groups: tuple[str, ...] = param(GROUPS, "method groups to run (module docstring)")
+    n_solver_queries: int = param(20, "sentence queries (the first of n_queries) solved by CG and LiSSA")
+    cg_tol: float = param(1e-4, "multi-shift CG stops a damping at this relative residual")
+    cg_max_iter: int = param(100, "curvature products per query column at most (CG)")
+    arnoldi_rank: int = param(50, "Ritz pairs kept (Krylov dimension 2 x rank)")
+    lissa_depth: int = param(200, "LiSSA recursion steps")
+    lissa_batch: int = param(8, "fit sentences per stochastic Hessian product of LiSSA")
+    k_out: int = param(32, "TRAK projection: rows of each tensor's gradient projected to this many")
+    k_in: int = param(32, "TRAK projection: columns projected to this many")
+    subset_coords: int = param(512, "coordinates of the subset method (the subset study's)")
+
+    def __post_init__(self):
+        validate_fields(self)
+        if unknown := [g for g in self.groups if g not in GROUPS]:
+            raise ValueError(f"unknown method groups {unknown}; choose from {', '.join(GROUPS)}")
+        if any(not d > 0 for d in self.dampings) or len(set(self.dampings)) != len(self.dampings):
+            raise ValueError(f"dampings must be distinct and > 0, got {self.dampings}")
+        for name in ("n_queries", "n_solver_queries", "cg_max_iter", "arnoldi_rank", "lissa_depth", "lissa_batch",
+                     "k_out", "k_in", "subset_coords"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"MethodsConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_solver_queries > self.n_queries:
+            raise ValueError(f"n_solver_queries={self.n_solver_queries} exceeds n_queries={self.n_queries}")
+
+
+class Context:
+    """What the method groups share, computed once and on demand: the query gradients, the gradient sums of the
+    training set, the fit sentences, the default damping, the Lanczos spectrum."""
+
+    def __init__(self, model, corpus, masks: np.ndarray, queries: list[int], config: MethodsConfig, wconfig,
+                 checkpoints: list[tuple[str, float]], cache_dir, stages):
+        from ..curvature.network_kfac import _fit_sentences
+
+        self.model, self.corpus, self.masks, self.queries = model.eval(), corpus, masks, queries
+        self.config, self.wconfig, self.checkpoints, self.stages = config, wconfig, checkpoints, stages
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.eos = corpus.vocab.stoi["<eos>"]
+        self.train = corpus.splits["train"][: masks.shape[1]]
+        self.valid = corpus.splits["valid"]
+        self.fit = _fit_sentences(self.train, wconfig.n_fit, wconfig.seed)
+        self.net = NetworkGrads(self.model, self.eos)
+        self.masks_key = fingerprint_weights(masks)
+        self._grads = self._sums = self._default = self._spectrum = None
+
+    @property
+    def query_grads(self) -> torch.Tensor:
+        """(1 + Q, P) float32: the mean-validation-loss gradient, then each query sentence's."""
+        if self._grads is None:
+            from .whole_network import query_gradients
+
+            with self.stages("query gradients"):
+                self._grads = query_gradients(self.net, self.valid, [self.valid[i] for i in self.queries],
+                                              self.wconfig.chunk_size, self.cache_dir)
+        return self._grads
+
+    def projection(self) -> KroneckerProjection:
+        return KroneckerProjection(self.net.shapes, self.config.k_out, self.config.k_in, seed=self.wconfig.seed)
+
+    @property
+    def sums(self) -> GradientSums:
+        """Subset sums, unit-norm sums, squared norms and projected features of the training gradients (cached)."""
+        if self._sums is None:
+            cache = self.cache("gradient sums", ["ifutils.datamodels"],
+                               {"k_out": self.config.k_out, "k_in": self.config.k_in})
+            stored = cache.get("sums") if cache is not None else None
+            if stored is None:
+                with self.stages(f"gradient sums over {len(self.train)} sentences ({len(self.masks)} subsets)"):
+                    out = gradient_sums(self.net, self.train, self.masks, self.wconfig.chunk_size, self.projection())
+                stored = {"sums": out.sums.float(), "sq_norms": out.sq_norms, "features": out.features, "n": out.n,
+                          "tokens": out.tokens}
+                out.sums = None
+                stored["unit_sums"] = out.unit_sums.float()
+                del out
+                if cache is not None:
+                    cache.put("sums", stored)
+            self._sums = GradientSums(stored["sums"], stored["unit_sums"], stored["sq_norms"],  # float32: 2 x 4 M P bytes
+                                      stored["features"], int(stored["n"]), int(stored["tokens"]))
+        return self._sums
+
+    @property
+    def default_damping(self) -> float:
+        """lambda_0 = alpha x the mean eigenvalue of EK-FAC (true-Fisher labels) on the fit sentences."""
+        if self._default is None:
+            self._default = self.wconfig.alpha * self.kfac_curvatures("model")["ekfac"].mean_eigenvalue()
+        return self._default
+
+    def kfac_curvatures(self, labels: str) -> dict:
+        from ..curvature.network_kfac import ekfac_network_curvature, fit_network_kfac, kfac_network_curvature
+
+        w = self.wconfig
+        with self.stages(f"KFAC + EK-FAC factors ({labels} labels)"):
+            factors = fit_network_kfac(self.model, self.train, self.eos, labels=labels, mc_samples=w.mc_samples,
+                                       n_fit=w.n_fit, chunk_size=w.chunk_size, seed=w.seed, cache_dir=self.cache_dir)
+        return {c.name: c for c in (ekfac_network_curvature(factors), kfac_network_curvature(factors))}
+
+    @property
+    def spectrum(self) -> dict:
+        """Lanczos extreme eigenvalues of H and the GGN on the fit sentences (the whole-network study's, cached)."""
+        if self._spectrum is None:
+            from dataclasses import replace
+
+            from .whole_network import exact_reference
+
+            config = replace(self.wconfig, exact_curvatures=(), n_exact=0)
+            _, section = exact_reference(self.model, self.fit, self.eos, self.query_grads[:1], config, self.stages,
+                                         self.cache_dir)
+            self._spectrum = section["spectrum"]
+        return self._spectrum
+
+    def h_positive_definite(self, damping: float) -> bool:
+        """H + damping I positive definite by the Lanczos estimate (with its accuracy margin)."""
+        lmin = self.spectrum["H"]["lambda_min"]
+        return bool(lmin + damping > self.wconfig.lanczos_tol * abs(lmin))
+
+    def cache(self, stage: str, code: list, extra: dict | None = None) -> ChunkCache | None:
+        """The cache of one stage: keyed by ``code``, the model's weights, the masks, the queries and the configs."""
+        if self.cache_dir is None:
+            return None
+        description = {"stage": f"lds: {stage}", "masks": self.masks_key, "queries": self.queries,
+                       "n_fit": self.wconfig.n_fit, "seed": self.wconfig.seed, "mc_samples": self.wconfig.mc_samples,
+                       "chunk_size": self.wconfig.chunk_size, "alpha": self.wconfig.alpha, **(extra or {})}
+        return ChunkCache(self.cache_dir, description, dict(self.model.named_parameters()), code=tuple(code))
+
+    def dampings(self) -> list[float]:
+        return [self.default_damping, *map(float, self.config.dampings)]
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor, block: int = 1 << 19) -> torch.Tensor:
+    """a b^T in float64 for a (k, P), b (l, P) of any float dtype, P in column blocks (no float64 copy of a)."""
+    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64)
+    for start in range(0, a.shape[1], block):
+        out += a[:, start : start + block].double() @ b[:, start : start + block].double().T
+    return out
+
+
+def _as_rows(pred: torch.Tensor | np.ndarray) -> np.ndarray:
+    return np.asarray(pred.double().cpu() if torch.is_tensor(pred) else pred, dtype=np.float64)
+
+
+def _weighted(left: torch.Tensor, right: torch.Tensor, weights: torch.Tensor, block: int = 1 << 19) -> np.ndarray:
+    """-(left^T diag(weights) right) in float64, P in row blocks: left (P, M), right (P, Q), weights (P,) -> (M, Q)."""
+    out = torch.zeros(left.shape[1], right.shape[1], dtype=torch.float64)
+    for start in range(0, left.shape[0], block):
+        sl = slice(start, start + block)
+        out -= (left[sl].double() * weights[sl, None].double()).T @ right[sl].double()
+    return out.numpy()
+
+
+# ------------------------------------------------------------------------------------------------- method groups
+# Each returns {key: {"dampings": [float or None], "pred": (D, M, W) array, "meta": dict}}.
+
+
+def group_identity(ctx: Context) -> dict:
+    """The gradient dot product (TracIn at the last checkpoint); damping-free."""
+    pred = -_dot(ctx.sums.sums, ctx.query_grads)
+    return {"identity": {"dampings": [None], "pred": _as_rows(pred)[None], "meta": {}}}
+
+
+def group_cosine(ctx: Context) -> dict:
+    """The gradient cosine, -sum_{i in S} cos(g_i, g_q) (the query's norm divided out)."""
+    q = ctx.query_grads.double()
+    pred = -_dot(ctx.sums.unit_sums, q / q.norm(dim=1, keepdim=True))
+    return {"cosine": {"dampings": [None], "pred": _as_rows(pred)[None], "meta": {}}}
+
+
+def group_fishers(ctx: Context) -> dict:
+    """KFAC / EK-FAC (both labels) by one rotation into their eigenbasis; the diagonal Fishers directly."""
+    from ..curvature.network_kfac import diagonal_fisher
+
+    w, out = ctx.wconfig, {}
+    dampings = ctx.dampings()
+    sums_t, q_t = ctx.sums.sums.T, ctx.query_grads.T  # (P, M), (P, 1 + Q), float32
+    for labels in ("model", "data"):
+        curvatures = ctx.kfac_curvatures(labels)
+        first = next(iter(curvatures.values()))
+        with ctx.stages(f"rotate the subset sums and queries into the KFAC eigenbasis ({labels} labels)"):
+            rs = first.to_eigenbasis(sums_t).float()
+            rq = first.to_eigenbasis(q_t).float()
+        for key, c in curvatures.items():
+            e = c.eigenvalue_vector()
+            out[key] = {"dampings": dampings, "meta": {"mean_eigenvalue": c.mean_eigenvalue()},
+                        "pred": np.stack([_weighted(rs, rq, 1 / (e + d)) for d in dampings])}
+        del rs, rq
+        with ctx.stages(f"diagonal Fisher ({labels} labels)"):
+            diag = diagonal_fisher(ctx.model, ctx.train, ctx.eos, labels=labels, mc_samples=w.mc_samples, n_fit=w.n_fit,
+                                   chunk_size=w.chunk_size, seed=w.seed, cache_dir=ctx.cache_dir)
+        out[diag.name] = {"dampings": dampings, "meta": {"mean_eigenvalue": diag.mean_eigenvalue()},
+                          "pred": np.stack([_as_rows(-_dot(ctx.sums.sums, ctx.query_grads / (diag.d + d).float()))
+                                            for d in dampings])}
+    return out
+
+
+def group_trak(ctx: Context) -> dict:
+    """TRAK-style: projected features, the projected EF kernel Phi^T Phi / n, solved by its eigendecomposition."""
+    phi = ctx.sums.features.double()  # (n, K)
+    kernel = phi.T @ phi / len(phi)
+    evals, evecs = torch.linalg.eigh(kernel)
+    evals = evals.clamp_min(0.0)
+    phi_q = ctx.projection()(ctx.query_grads).double()  # (1 + Q, K)
+    subset = torch.as_tensor(ctx.masks, dtype=torch.float64) @ phi  # (M, K)
+    default = ctx.wconfig.alpha * float(evals.mean())
+    dampings = [default, *map(float, ctx.config.dampings)]
+    left, right = evecs.T @ subset.T, evecs.T @ phi_q.T
+    pred = np.stack([_weighted(left, right, 1 / (evals + d)) for d in dampings])
+    meta = {"dim": int(phi.shape[1]), "k_out": ctx.config.k_out, "k_in": ctx.config.k_in, "default_damping": default,
+            "mean_eigenvalue": float(evals.mean()), "lambda_max": float(evals.max())}
+    return {"trak": {"dampings": dampings, "pred": pred, "meta": meta}}
+
+
+def group_subset(ctx: Context) -> dict:
+    """The subset study's sliver: exact Hessian of 512 coordinates of the last LSTM layer's W_hh."""
+    from ..curvature.exact import hessian_and_ggn
+    from ..subset import SubsetLoss, default_subset
+
+    subset = default_subset(ctx.model, "recurrent", ctx.config.subset_coords, seed=ctx.wconfig.seed)
+    offsets, start = {}, 0
+    for name, shape in ctx.net.shapes.items():
+        offsets[name] = start
+        start += math.prod(shape)
+    idx = torch.cat([offsets[n] + subset.indices[n] for n in subset.names])
+    loss = SubsetLoss(ctx.model, subset, ctx.eos, dtype=torch.float64)
+    with ctx.stages(f"subset Hessian ({subset.size} coordinates, {len(ctx.fit)} sentences)"):
+        hess = hessian_and_ggn(loss, ctx.fit)[0]
+    evals = hess.eigvalsh()
+    dampings = ctx.dampings()
+    g = ctx.query_grads.double()[:, idx].T  # (p, 1 + Q)
+    sums = ctx.sums.sums[:, idx]
+    pred, kept = [], []
+    for d in dampings:
+        if bool((evals + d).abs().min() <= 1e-12 * evals.abs().max()):
+            continue  # singular at this damping
+        pred.append(_as_rows(-(sums.double() @ hess.solve(g, d))))
+        kept.append(d)
+    meta = {"p": subset.size, "lambda_min": float(evals[0]), "lambda_max": float(evals[-1]),
+            "positive_definite": {repr(d): bool(evals[0] + d > 0) for d in kept}}
+    return {"subset_hessian": {"dampings": kept, "pred": np.stack(pred), "meta": meta}}
+
+
+def group_tracin(ctx: Context) -> dict:
+    """TracIn over the checkpoints ``ctx.checkpoints`` [(path, learning rate)]: one gradient pass each, cached."""
+    from ..io import load_checkpoint
+    from .whole_network import query_gradients
+
+    total, used = 0.0, []
+    for k, (path, lr) in enumerate(progress(ctx.checkpoints, desc="TracIn checkpoints", unit="checkpoint")):
+        model, _, _ = load_checkpoint(path, next(ctx.model.parameters()).device)
+        model.eval()
+        if all(torch.equal(a, b.to(a)) for a, b in zip(model.parameters(), ctx.model.parameters())):
+            total = total + lr * torch.as_tensor(group_identity(ctx)["identity"]["pred"][0])  # the model scored
+            used.append({"checkpoint": str(path), "lr": lr, "same_as_scored_model": True})
+            continue
+        cache = (ChunkCache(ctx.cache_dir, {"stage": "lds: tracin checkpoint", "masks": ctx.masks_key,
+                                            "queries": ctx.queries, "chunk_size": ctx.wconfig.chunk_size},
+                            dict(model.named_parameters()), code=("ifutils.datamodels",))
+                 if ctx.cache_dir is not None else None)
+        stored = cache.get("pred") if cache is not None else None
+        if stored is None:
+            net = NetworkGrads(model, ctx.eos)
+            with ctx.stages(f"TracIn checkpoint {k + 1}/{len(ctx.checkpoints)}"):
+                q = query_gradients(net, ctx.valid, [ctx.valid[i] for i in ctx.queries], ctx.wconfig.chunk_size)
+                sums = gradient_sums(net, ctx.train, ctx.masks, ctx.wconfig.chunk_size, desc=f"TracIn pass {k + 1}")
+                stored = -(sums.sums @ q.double().T)
+            del sums
+            if cache is not None:
+                cache.put("pred", stored)
+        total = total + lr * stored.double()
+        used.append({"checkpoint": str(path), "lr": lr})
+    return {"tracin": {"dampings": [None], "pred": _as_rows(total)[None], "meta": {"checkpoints": used}}}
+
+
+def _operator(ctx: Context, curvature: str):
+    from ..curvature.estimators import CurvatureProducts
+    from ..curvature.network_products import NetworkOperator
+
+    return NetworkOperator(CurvatureProducts(ctx.model, ctx.fit, ctx.eos), curvature, block=1, vectorize=False)
+
+
+def group_arnoldi(ctx: Context) -> dict:
+    """Top Ritz pairs of the GGN and of H (Schioppa et al. 2022), cached; every damping from one projection."""
+    from ..curvature.inverse import arnoldi
+
+    rank, out = ctx.config.arnoldi_rank, {}
+    dampings = ctx.dampings()
+    for curvature, key in (("F", f"ggn_arnoldi_r{rank}"), ("H", f"arnoldi_r{rank}")):
+        cache = ctx.cache(f"arnoldi {curvature}", ["ifutils.curvature.inverse", "ifutils.curvature.network_products"],
+                          {"rank": rank})
+        stored = cache.get("ritz") if cache is not None else None
+        if stored is None:
+            with ctx.stages(f"Arnoldi on {key} ({2 * rank} products)"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", SolverWarning)
+                evals, evecs, info = arnoldi(_operator(ctx, curvature), ctx.net.p, rank, 2 * rank, ctx.wconfig.seed)
+            stored = {"evals": evals, "evecs": evecs.float(), "ritz_residual": torch.tensor(info["ritz_residual"])}
+            if cache is not None:
+                cache.put("ritz", stored)
+        evals, v = stored["evals"].double(), stored["evecs"].double()
+        left, right = _dot(v.T, ctx.sums.sums), _dot(v.T, ctx.query_grads)
+        kept = [d for d in dampings if bool((evals + d).abs().min() > 1e-12)]
+        out[key] = {"dampings": kept, "pred": np.stack([_weighted(left, right, 1 / (evals + d)) for d in kept]),
+                    "meta": {"rank": rank, "ritz_values": evals.tolist(),
+                             "ritz_residual_max": float(stored["ritz_residual"].max())}}
+    return out
+
+
+def _solver_columns(ctx: Context) -> torch.Tensor:
+    return ctx.query_grads[: 1 + ctx.config.n_solver_queries].double()
+
+
+def group_cg(ctx: Context) -> dict:
+    """Multi-shift CG on the GGN (every damping) and on H (positive definite dampings), one cached column at a time."""
+    from ..curvature.multishift import multishift_cg
+
+    out, cols = {}, _solver_columns(ctx)
+    for curvature, key in (("F", "ggn"), ("H", "hessian_cg")):
+        dampings = ctx.dampings() if curvature == "F" else [d for d in ctx.dampings() if ctx.h_positive_definite(d)]
+        skipped = [d for d in ctx.dampings() if d not in dampings]
+        if not dampings:
+            continue
+        op = _operator(ctx, curvature)
+        cache = ctx.cache(f"multishift cg {curvature}", ["ifutils.curvature.multishift",
+                                                          "ifutils.curvature.network_products"],
+                          {"dampings": dampings, "tol": ctx.config.cg_tol, "max_iter": ctx.config.cg_max_iter})
+        solutions, records = {d: [] for d in dampings}, []
+        for j in progress(range(len(cols)), desc=f"multi-shift CG ({key})", unit="column"):
+            stored = cache.get(f"col{j}") if cache is not None else None
+            if stored is None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", SolverWarning)
+                    xs, info = multishift_cg(op, cols[j], dampings, ctx.config.cg_tol, ctx.config.cg_max_iter)
+                stored = {"x": torch.stack([xs[d] for d in dampings]).float(), "info": json.dumps(info)}
+                if cache is not None:
+                    cache.put(f"col{j}", stored)
+            for k, d in enumerate(dampings):
+                solutions[d].append(stored["x"][k].double())
+            records.append(json.loads(stored["info"]))
+        pred = np.stack([_as_rows(-_dot(ctx.sums.sums, torch.stack(solutions[d]))) for d in dampings])
+        per = {repr(d): {"iterations": [r[repr(d)]["iterations"][0] for r in records],
+                         "true_residual": [r[repr(d)]["true_residual"][0] for r in records],
+                         "converged": [r[repr(d)]["converged"][0] for r in records]} for d in dampings}
+        out[key] = {"dampings": dampings, "pred": pred,
+                    "meta": {"columns": len(cols), "solves": per, "seconds": [r["seconds"] for r in records],
+                             "skipped_not_positive_definite": skipped}}
+    return out
+
+
+def group_lissa(ctx: Context) -> dict:
+    """LiSSA on H with mini-batch Hessian products, at the dampings where H + lambda I is positive definite."""
+    from ..curvature.estimators import CurvatureProducts
+    from ..curvature.inverse import lissa
+
+    cfg, cols = ctx.config, _solver_columns(ctx)
+    dampings = [d for d in ctx.dampings() if ctx.h_positive_definite(d)]
+    if not dampings:
+        return {}
+    b = cfg.lissa_batch
+    batches = [CurvatureProducts(ctx.model, ctx.fit[i : i + b], ctx.eos) for i in range(0, len(ctx.fit) - b + 1, b)]
+
+    def sample_mv(v, generator):
+        product = batches[int(torch.randint(len(batches), (1,), generator=generator))]
+        cols_ = v if v.dim() == 2 else v[:, None]
+        out = torch.stack([product.hessian_vp(c.to(product.params[product.names[0]].dtype)).double()
+                           for c in cols_.T], 1)
+        return out if v.dim() == 2 else out[:, 0]
+
+    lmax = ctx.spectrum["H"]["lambda_max"]
+    cache = ctx.cache("lissa H", ["ifutils.curvature.inverse", "ifutils.curvature.estimators"],
+                      {"dampings": dampings, "depth": cfg.lissa_depth, "batch": b})
+    pred, meta = [], {"depth": cfg.lissa_depth, "batch": b, "scales": {}, "diverged": {}}
+    for d in dampings:
+        scale = 2 * (lmax + d)  # above half of a mini-batch's largest eigenvalue up to 4 x the full set's
+        xs, diverged = [], []
+        for j in progress(range(len(cols)), desc=f"LiSSA lambda={d:g}", unit="column"):
+            stored = cache.get(f"{d!r}_{j}") if cache is not None else None
+            if stored is None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", SolverWarning)
+                    x, info = lissa(None, cols[j], d, scale, cfg.lissa_depth, sample_mv=sample_mv,
+                                    seed=ctx.wconfig.seed + j)
+                stored = {"x": x.float(), "diverged": bool(info["diverged"])}
+                if cache is not None:
+                    cache.put(f"{d!r}_{j}", stored)
+            xs.append(stored["x"].double())
+            diverged.append(bool(stored["diverged"]))
+        pred.append(_as_rows(-_dot(ctx.sums.sums, torch.stack(xs))))
+        meta["scales"][repr(d)], meta["diverged"][repr(d)] = scale, diverged
+    return {"hessian_lissa": {"dampings": dampings, "pred": np.stack(pred), "meta": meta}}
+
+
+GROUP_FUNCTIONS = {"identity": group_identity, "cosine": group_cosine, "fishers": group_fishers, "trak": group_trak,
+                   "subset": group_subset, "tracin": group_tracin, "arnoldi": group_arnoldi, "cg": group_cg,
+                   "lissa": group_lissa}
+
+
+def method_predictions(ctx: Context, on_group=None) -> dict:
+    """Run (or read back) every group of ``ctx.config.groups``, in :data:`GROUPS` order.
+
+    Args:
+        ctx: the :class:`Context`. on_group: optional callback(name, results so far) after each group (the
+            entry point rewrites its results file there, so a stopped run keeps what it finished).
+    Returns:
+        {key: {"dampings", "pred" (D, M, W) float64, "meta", "group", "default_damping"}}; W = 1 + Q, or
+        1 + n_solver_queries for CG and LiSSA.
+    """
+    results = {}
+    for name in [g for g in GROUPS if g in ctx.config.groups]:
+        fn = GROUP_FUNCTIONS[name]
+        cache = ctx.cache(f"group {name}", ["ifutils.datamodels", fn, Context, _weighted],
+                          {"methods": {k: v for k, v in asdict(ctx.config).items() if k != "groups"}})
+        stored = cache.get("result") if cache is not None else None
+        if stored is None:
+            log(f"LDS predictions: {name}")
+            with ctx.stages(f"method group: {name}"):
+                got = fn(ctx)
+            stored = {k: {"dampings": json.dumps(v["dampings"]), "pred": torch.as_tensor(v["pred"]),
+                          "meta": json.dumps(v["meta"], default=float)} for k, v in got.items()}
+            if cache is not None:
+                cache.put("result", stored)
+        for k, v in stored.items():
+            meta, dampings = json.loads(v["meta"]), json.loads(v["dampings"])
+            default = None if dampings == [None] else meta.get("default_damping", ctx.default_damping)
+            results[k] = {"dampings": dampings, "pred": v["pred"].double().numpy(), "meta": meta, "group": name,
+                          "default_damping": default}
+        if on_group is not None:
+            on_group(name, results)
+    return results

@@ -1,0 +1,113 @@
+"""Subset gradient sums, the Kronecker random projection and multi-shift CG against independent oracles: a loop of
+``torch.autograd.grad`` per sentence, the dense Kronecker product, and dense solves (float64)."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from ifutils.curvature.inverse import SolverWarning
+from ifutils.curvature.multishift import multishift_cg
+from ifutils.datamodels import KroneckerProjection, fingerprint_weights, gradient_sums, subset_predictions
+from ifutils.metrics import datamodel_score, linear_datamodeling_score
+from ifutils.network import NetworkGrads
+from tests.conftest import EOS, random_sentences, tiny_model
+from tests.test_network import loop_grads
+
+
+def _flat_loop(model, sentences):
+    grads = loop_grads(model, sentences)
+    return torch.cat([grads[n].reshape(len(sentences), -1) for n, _ in model.named_parameters()], 1)
+
+
+def test_sums_unit_sums_norms_and_features_equal_a_per_sentence_loop():
+    model = tiny_model(layers=2).eval()
+    sentences = random_sentences(11, 13, max_len=6, seed=5)
+    g = _flat_loop(model, sentences)  # (n, P) oracle
+    net = NetworkGrads(model, EOS)
+    rng = np.random.default_rng(0)
+    masks = rng.random((4, len(sentences))) < 0.5
+    proj = KroneckerProjection(net.shapes, k_out=3, k_in=2, seed=7, dtype=torch.float64)
+    out = gradient_sums(net, sentences, masks, chunk_size=4, projection=proj)
+    w = torch.tensor(masks, dtype=torch.float64)
+    torch.testing.assert_close(out.sums, w @ g, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.unit_sums, w @ (g / g.norm(dim=1, keepdim=True)), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.sq_norms, (g * g).sum(1), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.features.double(), (g @ proj.matrix().T), rtol=1e-5, atol=1e-7)  # float32 store
+    assert out.n == len(sentences) and out.tokens == sum(len(s) for s in sentences)
+    q = torch.randn(3, net.p, dtype=torch.float64)
+    pred = subset_predictions(out.sums, q)
+    scores = -(g @ q.T).numpy()  # I_iq = -g_i^T q
+    np.testing.assert_allclose(pred, masks @ scores, rtol=1e-9, atol=1e-12)
+    losses = pred[:, None, :] + rng.normal(size=(4, 2, 3))
+    assert datamodel_score(pred, losses)["per_query"] == pytest.approx(
+        linear_datamodeling_score(scores, masks, losses)["per_query"], abs=1e-12)
+
+
+def test_projection_is_kronecker_per_tensor_and_preserves_inner_products_on_average():
+    shapes = {"w": (6, 4), "b": (6,), "v": (3, 2, 2)}
+    proj = KroneckerProjection(shapes, k_out=3, k_in=2, seed=1, dtype=torch.float64)
+    assert proj.dim == 3 * 2 + 3 * 1 + 3 * 2 and proj.p == 24 + 6 + 12
+    flat = torch.randn(5, proj.p, dtype=torch.float64)
+    torch.testing.assert_close(proj(flat), flat @ proj.matrix().T)
+    a, b = proj.factors["w"]
+    torch.testing.assert_close(proj(flat)[:, :6], (a @ flat[:, :24].reshape(5, 6, 4) @ b.T).reshape(5, 6))
+    # E[P^T P] = I: the mean over seeds of P^T P approaches the identity (Gaussian factors of variance 1/k)
+    mean = sum(KroneckerProjection(shapes, 3, 2, seed=s, dtype=torch.float64).matrix().T
+               @ KroneckerProjection(shapes, 3, 2, seed=s, dtype=torch.float64).matrix() for s in range(400)) / 400
+    assert (mean - torch.eye(proj.p, dtype=torch.float64)).abs().max() < 0.35
+    assert torch.diagonal(mean).mean() == pytest.approx(1.0, abs=0.05)
+    with pytest.raises(ValueError, match="k_out and k_in"):
+        KroneckerProjection(shapes, k_out=0)
+    with pytest.raises(ValueError, match="flat gradients"):
+        proj(flat[:, :-1])
+
+
+def test_gradient_sums_rejects_bad_weights():
+    model = tiny_model().eval()
+    net = NetworkGrads(model, EOS)
+    sentences = random_sentences(4, 13, seed=2)
+    with pytest.raises(ValueError, match="weights must be"):
+        gradient_sums(net, sentences, np.ones((2, 3)))
+    with pytest.raises(ValueError, match="NaN"):
+        gradient_sums(net, sentences, np.full((2, 4), np.nan))
+    assert fingerprint_weights(np.eye(3)) != fingerprint_weights(np.eye(3)[::-1])
+
+
+def _spd(p, seed, low=1e-3):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(p, p, generator=g, dtype=torch.float64))
+    return q @ torch.diag(torch.logspace(np.log10(low), 0, p, dtype=torch.float64)) @ q.T
+
+
+def test_multishift_cg_equals_a_dense_solve_at_every_damping():
+    c = _spd(40, 0)
+    b = torch.randn(40, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    dampings = [1e-1, 1e-3, 1e-2, 1.0]
+    xs, info = multishift_cg(lambda v: c @ v, b, dampings, tol=1e-10, max_iter=200)
+    for d in dampings:
+        exact = torch.linalg.solve(c + d * torch.eye(40, dtype=torch.float64), b)
+        torch.testing.assert_close(xs[d], exact, rtol=1e-7, atol=1e-9)
+        assert all(info[repr(d)]["converged"]) and max(info[repr(d)]["true_residual"]) < 1e-8
+    # larger dampings are better conditioned and stop earlier; the base (smallest) runs longest
+    its = {d: max(info[repr(d)]["iterations"]) for d in dampings}
+    assert its[1.0] <= its[1e-1] <= its[1e-2] <= its[1e-3]
+    assert info["base_damping"] == 1e-3
+
+
+def test_multishift_cg_warns_when_short_of_tolerance_and_on_an_indefinite_base():
+    c = _spd(40, 2, low=1e-4)
+    b = torch.randn(40, dtype=torch.float64)
+    with pytest.warns(SolverWarning, match="did not reach"):
+        xs, info = multishift_cg(lambda v: c @ v, b, [1e-4, 1.0], tol=1e-10, max_iter=5)
+    assert not info[repr(1e-4)]["converged"][0] and info[repr(1e-4)]["iterations"] == [5]
+    exact = torch.linalg.solve(c + torch.eye(40, dtype=torch.float64), b)  # the well-conditioned shift is fine
+    assert (xs[1.0] - exact).norm() / exact.norm() < 1e-3
+    indefinite = c - 0.5 * torch.eye(40, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SolverWarning)
+        with pytest.warns(SolverWarning, match="not positive definite"):
+            multishift_cg(lambda v: indefinite @ v, b, [1e-3], max_iter=50)
+    with pytest.raises(ValueError, match="distinct"):
+        multishift_cg(lambda v: c @ v, b, [1e-2, 1e-2])

@@ -23,6 +23,7 @@ import numpy as np
 from ifutils.config import add_arguments, from_args
 from ifutils.data import load_corpus
 from ifutils.experiments.lds import CHOICE_FILE, LdsConfig, choose_epochs, model_root, study_units, train_study
+from ifutils.experiments.counterfactual import CounterfactualConfig
 from ifutils.experiments.lds_methods import MethodsConfig
 from ifutils.io import project_path, resolve_device
 from ifutils.retrain import RetrainSpec
@@ -34,10 +35,13 @@ def main() -> None:
     add_arguments(parser, LdsConfig)
     parser.add_argument("--epochs", type=int, default=None, dest="chosen_epochs", help="epochs of every retrained model; default: the "
                         "count chosen by --stage choose")
-    parser.add_argument("--stage", choices=("choose", "train", "status", "score"), required=True,
-                        help="choose: the epoch count; train: the models; status: how many are finished; score: the "
-                             "influence of every curvature and the LDS of the finished subsets (results/ptb_lds.json)")
+    parser.add_argument("--stage", choices=("choose", "train", "status", "score", "sets", "removals"), required=True,
+                        help="choose: the epoch count; train: the subset models; status: how many models are finished; "
+                             "score: every method's predictions, the LDS of the finished subsets and the table of the "
+                             "finished removals (results/ptb_lds.json); sets: the removal sets (removals.json); removals: the "
+                             "counterfactual-removal models (computes the sets first when they are missing)")
     add_arguments(parser, MethodsConfig)
+    add_arguments(parser, CounterfactualConfig, prefix="cf-")
     parser.add_argument("--results", default=None, help="results file of --stage score (default: results/ptb_lds.json "
                         "for the default configuration, results/ptb_lds_<hash>.json otherwise)")
     parser.add_argument("--shard", default="0/1", help="i/k: train units j with j mod k == i (default 0/1: all)")
@@ -61,22 +65,89 @@ def main() -> None:
         epochs = json.loads(path.read_text())["epochs"]
     spec = from_args(RetrainSpec, args, epochs=epochs)
     if args.stage == "status":
+        from ifutils.experiments.counterfactual import REMOVALS_FILE
         from ifutils.experiments.lds import study_root
         from ifutils.retrain import load_records
 
         units = study_units(spec, config)
         done = load_records(study_root(root, spec, config), units)
-        print(f"{len(done)} of {len(units)} models finished under {study_root(root, spec, config)}")
+        print(f"{len(done)} of {len(units)} subset models finished under {study_root(root, spec, config)}")
+        sets_file = removal_root(root, spec) / REMOVALS_FILE
+        if sets_file.is_file():
+            units = removal_study(corpus, spec, config, root, args)[1]
+            done = load_records(removal_root(root, spec), units)
+            print(f"{len(done)} of {len(units)} removal models finished under {removal_root(root, spec)}")
+        return
+    if args.stage == "sets":
+        sets, units = removal_study(corpus, spec, config, root, args)
+        print(f"{len(units)} removal models listed from {removal_root(root, spec) / 'removals.json'}")
+        return
+    if args.stage == "removals":
+        from ifutils.retrain import run_units
+
+        shard = _shard(args.shard)
+        _, units = removal_study(corpus, spec, config, root, args)
+        finished = run_units(corpus, spec, units, removal_root(root, spec), shard, resolve_device(args.device))
+        print(f"removals shard {shard[0]}/{shard[1]}: {len(finished)} models finished")
         return
     if args.stage == "score":
         score(corpus, spec, config, root, args)
         return
-    try:
-        i, k = (int(x) for x in args.shard.split("/"))
-    except ValueError:
-        sys.exit(f"--shard must look like 0/2, got {args.shard!r}")
+    i, k = _shard(args.shard)
     finished = train_study(corpus, spec, config, root, (i, k), resolve_device(args.device))
     print(f"shard {i}/{k}: {len(finished)} models finished")
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, k = (int(x) for x in text.split("/"))
+    except ValueError:
+        sys.exit(f"--shard must look like 0/2, got {text!r}")
+    return i, k
+
+
+def removal_root(root, spec):
+    """Where the counterfactual-removal models and ``removals.json`` live."""
+    return model_root(root, spec) / f"e{spec.epochs}_removals"
+
+
+def _context(corpus, spec, config, root, args, stages=None):
+    """The LDS :class:`Context` of the full-data model (shared by --stage score and --stage removals)."""
+    from ifutils.experiments.lds import measured_losses, query_indices, study_root
+    from ifutils.experiments.lds_methods import Context
+    from ifutils.experiments.whole_network import Stages, WholeNetworkConfig
+    from ifutils.io import load_checkpoint
+    from ifutils.retrain import load_records, select_train
+
+    mconfig = from_args(MethodsConfig, args)
+    choice = json.loads((model_root(root, spec) / CHOICE_FILE).read_text())
+    model, _, _ = load_checkpoint(choice["checkpoint"], resolve_device(args.device))
+    units = study_units(spec, config)
+    records = load_records(study_root(root, spec, config), units)
+    queries = query_indices(corpus, mconfig.n_queries, config.subset_seed)
+    masks, losses, _ = measured_losses(records, units, config.seeds, queries, spec.n_train)
+    small = select_train(corpus, spec.n_train, range(spec.n_train))
+    full = model_root(root, spec) / "full"
+    checkpoints = [(str(full / f"model_epoch{h['epoch']}.pt"), h["lr"]) for h in choice["history"][: spec.epochs]]
+    ctx = Context(model, small, masks, queries, mconfig, WholeNetworkConfig(), checkpoints, project_path("cache"),
+                  stages or Stages())
+    return ctx, {"choice": choice, "records": records, "losses": losses, "masks": masks, "mconfig": mconfig}
+
+
+def removal_study(corpus, spec, config, root, args, ctx=None):
+    """(removal sets, units) of the counterfactual removals: the sets from ``removals.json``, or scored and written."""
+    from ifutils.experiments.counterfactual import load_or_write_sets, removal_scores, removal_sets, removal_units
+
+    cf = from_args(CounterfactualConfig, args, prefix="cf-")
+    out = removal_root(root, spec)
+
+    def compute():
+        context = ctx or _context(corpus, spec, config, root, args)[0]
+        scores = removal_scores(context, cf, project_path("cache/lds_removal_scores") / context.masks_key)
+        return removal_sets(scores, cf, spec.n_train)
+
+    sets = load_or_write_sets(out, compute, cf)
+    return sets, removal_units(sets, cf, spec.n_train)
 
 
 def results_path(args, spec, config, mconfig, wconfig) -> str:
@@ -97,45 +168,55 @@ def results_path(args, spec, config, mconfig, wconfig) -> str:
 def score(corpus, spec, config, root, args) -> None:
     """Every method's predictions on the full-data model and the LDS over the finished subsets; the results file is
     rewritten after each method group, so a stopped run keeps what it finished and a rerun reads it back."""
-    from ifutils.experiments.lds import best_dampings, lds_table, measured_losses, query_indices, study_root
-    from ifutils.experiments.lds_methods import Context, method_predictions
-    from ifutils.experiments.whole_network import Stages, WholeNetworkConfig
-    from ifutils.io import atomic_write, checkpoint_record, environment, load_checkpoint
-    from ifutils.retrain import load_records, select_train
+    from ifutils.experiments.counterfactual import REMOVALS_FILE, format_removals, removal_table
+    from ifutils.experiments.lds import best_dampings, lds_table
+    from ifutils.experiments.lds_methods import method_predictions
+    from ifutils.experiments.whole_network import Stages
+    from ifutils.io import atomic_write, checkpoint_record, environment
+    from ifutils.retrain import load_records
 
-    mconfig = from_args(MethodsConfig, args)
-    wconfig = WholeNetworkConfig()
-    out_path = project_path(results_path(args, spec, config, mconfig, wconfig))
-    choice = json.loads((model_root(root, spec) / CHOICE_FILE).read_text())
-    model, _, _ = load_checkpoint(choice["checkpoint"], resolve_device(args.device))
-    units = study_units(spec, config)
-    records = load_records(study_root(root, spec, config), units)
-    queries = query_indices(corpus, mconfig.n_queries, config.subset_seed)
-    masks, losses, _ = measured_losses(records, units, config.seeds, queries, spec.n_train)
-    small = select_train(corpus, spec.n_train, range(spec.n_train))
-    full = model_root(root, spec) / "full"
-    checkpoints = [(str(full / f"model_epoch{h['epoch']}.pt"), h["lr"]) for h in choice["history"][: spec.epochs]]
     stages = Stages()
-    ctx = Context(model, small, masks, queries, mconfig, wconfig, checkpoints, project_path("cache"), stages)
+    ctx, state = _context(corpus, spec, config, root, args, stages)
+    mconfig, losses, masks, choice = state["mconfig"], state["losses"], state["masks"], state["choice"]
+    out_path = project_path(results_path(args, spec, config, mconfig, ctx.wconfig))
     complete = int((~np.isnan(losses).any(axis=(1, 2))).sum())
+    cf = from_args(CounterfactualConfig, args, prefix="cf-")
+    removals = None
+    if (removal_root(root, spec) / REMOVALS_FILE).is_file():
+        _, units = removal_study(corpus, spec, config, root, args, ctx)
+        removals = {"config": asdict(cf), "models": len(units),
+                    "finished": len(load_records(removal_root(root, spec), units)),
+                    "table": removal_table(load_records(removal_root(root, spec), units), cf, ctx.queries)}
+        print(format_removals(removals["table"]))
 
     def write(group, predictions):
         table = lds_table(predictions, losses, mconfig.n_solver_queries) if complete >= 3 else {}
         out = {"spec": asdict(spec), "design": asdict(config), "methods_config": asdict(mconfig),
-               "whole_network_config": asdict(wconfig), "M": int(masks.shape[0]), "complete_subsets": complete,
-               "S": len(config.seeds), "beta": config.beta, "queries": queries, "finished_models": len(records),
-               "default_damping": ctx.default_damping, "groups_done": sorted({v["group"] for v in predictions.values()}),
+               "whole_network_config": asdict(ctx.wconfig), "M": int(masks.shape[0]), "complete_subsets": complete,
+               "S": len(config.seeds), "beta": config.beta, "queries": ctx.queries,
+               "finished_models": len(state["records"]), "default_damping": ctx.default_damping,
+               "groups_done": sorted({v["group"] for v in predictions.values()}),
                "methods": {k: {"group": v["group"], "dampings": v["dampings"], "default_damping": v["default_damping"],
                                "meta": v["meta"]} for k, v in predictions.items()},
-               "spectrum": ctx._spectrum, "lds": table, "best": best_dampings(table), "stages": stages.records,
-               "provenance": {"checkpoint": checkpoint_record(choice["checkpoint"]),
-                              "epochs": spec.epochs, "tracin_checkpoints": checkpoints},
+               "spectrum": ctx._spectrum, "lds": table, "best": best_dampings(table), "counterfactual": removals,
+               "stages": stages.records,
+               "provenance": {"checkpoint": checkpoint_record(choice["checkpoint"]), "epochs": spec.epochs,
+                              "tracin_checkpoints": ctx.checkpoints},
                "environment": environment()}
         atomic_write(out_path, lambda tmp: tmp.write_text(json.dumps(out, indent=1, default=float)))
         print(f"[{group}] wrote {out_path} ({complete} complete subsets)", flush=True)
 
     predictions = method_predictions(ctx, on_group=write)
     if complete >= 3:
+        from ifutils.experiments.plots import lds_by_method, lds_vs_damping
+
+        results = json.loads(out_path.read_text())
+        title = (f"PTB, width-128 LSTM on {spec.n_train:,} sentences: LDS over {complete} subsets x "
+                 f"{len(config.seeds)} seeds")
+        for kind, draw in (("methods", lds_by_method), ("damping", lds_vs_damping)):
+            figure = project_path(f"figures/{out_path.stem}_{kind}.png")
+            draw(results, title, figure)
+            print(f"wrote {figure}")
         for name, r in lds_table(predictions, losses, mconfig.n_solver_queries).items():
             print(f"{name:>28s}: LDS {r['lds']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] (ceiling {r['ceiling']:.3f}) "
                   f"over {r['subsets']} subsets, {r['queries']} queries")

@@ -192,6 +192,11 @@ def _check_every_method(model, corpus, masks, losses, queries, tmp_path):
     assert entry["solver_queries"]["lds"] == pytest.approx(np.mean(expected["per_query"][:2]))
     best = best_dampings(table)
     assert best["ekfac"]["lds"] == max(r["lds"] for r in table.values() if r["key"] == "ekfac")
+    from ifutils.experiments.plots import lds_by_method, lds_vs_damping
+
+    lds_by_method({"lds": table}, "tiny", tmp_path / "methods.png")
+    lds_vs_damping({"lds": table}, "tiny", tmp_path / "damping.png")
+    assert (tmp_path / "methods.png").stat().st_size > 0 and (tmp_path / "damping.png").stat().st_size > 0
     # a rerun reads every group back from the cache (no stage runs again)
     again = Context(model, corpus, masks, queries, mconfig, wconfig, [(str(ckpt), 0.5), (str(ckpt2), 0.25)],
                     tmp_path / "cache", Stages())

@@ -269,3 +269,75 @@ def whole_network_agreement(results: dict, label: str, path: str | os.PathLike) 
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
     return save(fig, path)
+
+
+def _lds_rows(results: dict) -> list[tuple[str, dict | None, dict | None]]:
+    """(key, entry at the default damping or the damping-free entry, entry at the best damping) per method, by LDS."""
+    table = results["lds"]
+    keys = list(dict.fromkeys(r["key"] for r in table.values()))
+    rows = []
+    for key in keys:
+        entries = [r for r in table.values() if r["key"] == key]
+        free = [r for r in entries if r["damping"] is None]
+        default = free[0] if free else next((r for r in entries if r["default"]), None)
+        best = free[0] if free else max(entries, key=lambda r: r["lds"])
+        rows.append((key, default, best))
+    return sorted(rows, key=lambda r: r[2]["lds"])
+
+
+def lds_by_method(results: dict, label: str, path: str | os.PathLike) -> plt.Figure:
+    """Linear datamodeling score of every method (``results["lds"]`` of ``experiments/lds.py``): at its best damping
+    (bar, 95 % bootstrap interval over queries) and at its default damping (open circle); the noise ceiling (the
+    LDS of one seed's losses predicting the other's) as a shaded band."""
+    rows = _lds_rows(results)
+    fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(rows) + 1.4))
+    y = np.arange(len(rows))
+    best = [r[2] for r in rows]
+    ax.barh(y, [b["lds"] for b in best], xerr=np.array([[b["lds"] - b["ci"][0], b["ci"][1] - b["lds"]] for b in best]).T,
+            color="C0", alpha=0.7, capsize=2, label="best damping")
+    for yi, (_, default, b) in zip(y, rows):
+        if default is not None and default is not b:
+            ax.plot(default["lds"], yi, "o", mfc="none", color="C3", ms=5)
+    ax.plot([], [], "o", mfc="none", color="C3", label="default damping")
+    ceiling = next(iter(results["lds"].values()))
+    if ceiling.get("ceiling") is not None:
+        ax.axvspan(*ceiling["ceiling_ci"], color="0.6", alpha=0.35, label=f"noise ceiling {ceiling['ceiling']:.2f}")
+    ax.set_yticks(y, [curvature_label(k) + ("" if b["damping"] is None else f"  (lambda {b['damping']:.0e})")
+                      for k, _, b in rows], fontsize=7)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set(xlabel=f"LDS (Spearman over {best[0]['subsets']} subsets, mean over {best[0]['queries']} queries)")
+    ax.set_title(label, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def lds_vs_damping(results: dict, label: str, path: str | os.PathLike) -> plt.Figure:
+    """LDS against the absolute damping for every damped method (95 % intervals shaded); damping-free methods as
+    horizontal lines; each method's default damping marked by a larger dot."""
+    table = results["lds"]
+    keys = list(dict.fromkeys(r["key"] for r in table.values()))
+    fig, ax = plt.subplots(figsize=(8.5, 4.2))
+    for j, key in enumerate(keys):
+        entries = sorted((r for r in table.values() if r["key"] == key), key=lambda r: r["damping"] or 0)
+        color = f"C{j % 10}"
+        if entries[0]["damping"] is None:
+            ax.axhline(entries[0]["lds"], color=color, ls="--", lw=1, label=curvature_label(key))
+            continue
+        ds = [r["damping"] for r in entries]
+        ax.plot(ds, [r["lds"] for r in entries], "o-", ms=3, color=color, label=curvature_label(key),
+                ls="-" if j < 10 else "-.")
+        ax.fill_between(ds, [r["ci"][0] for r in entries], [r["ci"][1] for r in entries], color=color, alpha=0.1)
+        for r in entries:
+            if r["default"]:
+                ax.plot(r["damping"], r["lds"], "o", ms=7, color=color)
+    first = next(iter(table.values()))
+    if first.get("ceiling") is not None:
+        ax.axhspan(*first["ceiling_ci"], color="0.6", alpha=0.3)
+    ax.set(xscale="log", xlabel="absolute damping lambda", ylabel="LDS")
+    ax.set_title(label, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    return save(fig, path)

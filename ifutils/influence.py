@@ -107,3 +107,32 @@ def outlier_scores(train_grads: torch.Tensor, seed: int = 0) -> dict[str, torch.
         "gradient L2 norm": g.norm(dim=1),
         "isolation forest": -torch.as_tensor(forest.score_samples(g.cpu().numpy()), dtype=torch.float64),
     }
+
+
+def newton_removal(theta: torch.Tensor, removed_grads_sum: torch.Tensor, n: int, curvature: Curvature,
+                   damping) -> torch.Tensor:
+    """Parameters after removing a set S of training samples by one influence (Newton) step.
+
+        theta_{-S} = theta + (1/n) (C + damping I)^{-1} sum_{i in S} g_i
+
+    With L(theta) = (1/n) sum_i l_i, the objective without S is L_{-S} = L - (1/n) sum_{i in S} l_i; at a minimum
+    theta of L its gradient is -(1/n) sum_{i in S} g_i, so this is a Newton step on L_{-S} when C is its Hessian
+    (exact for a quadratic objective), and the group influence-function approximation of Koh, Ang, Teo, Liang
+    2019 ("On the accuracy of influence functions for measuring group effects") when C is the full-data curvature;
+    the unlearning step of Guo et al. 2020 ("Certified data removal", eq. 3) and Warnecke et al. 2023.
+
+    Args:
+        theta: (p,) trained parameters. removed_grads_sum: (p,) sum of the removed samples' gradients (the same
+            loss convention as L's terms). n: training-set size the objective divides by (with S in it).
+        curvature: a :class:`~ifutils.curvature.Curvature` over the p coordinates. damping: as :func:`influence`.
+    Returns:
+        (p,) float64 tensor.
+    Raises:
+        ValueError: shapes differ or n < 1; see :meth:`Curvature.solve` for the damping.
+    """
+    if theta.dim() != 1 or removed_grads_sum.shape != theta.shape:
+        raise ValueError(f"theta {tuple(theta.shape)} and removed_grads_sum {tuple(removed_grads_sum.shape)} must be "
+                         f"the same (p,) shape")
+    if not (isinstance(n, int) and n >= 1):
+        raise ValueError(f"n must be an int >= 1 (the training-set size), got {n!r}")
+    return theta.double() + curvature.solve(removed_grads_sum.double(), damping).reshape(-1) / n

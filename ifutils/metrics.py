@@ -163,3 +163,35 @@ def datamodel_score(predicted, losses, seed: int = 0, resamples: int = 1000) -> 
         out["ceiling_ci"] = list(bootstrap_ci(lambda idx: float(ceil[idx].mean()), len(ceil), seed, resamples)) \
             if len(ceil) > 1 else [float("nan"), float("nan")]
     return out
+
+
+def detection_metrics(scores, is_corrupted, inspected=(0.05, 0.1, 0.2)) -> dict:
+    """How well a ranking finds the corrupted samples: AUROC and average precision (scikit-learn's
+    ``roc_auc_score`` and ``average_precision_score``, higher score = more suspect) and the recall after inspecting
+    the top fraction f of the ranking (the share of the corrupted samples among the ceil(f n) highest scores; the
+    "fraction of data inspected" curves of Koh & Liang 2017, fig. 6, and kronfluence).
+
+    Args:
+        scores: (n,) float, higher = flagged first. is_corrupted: (n,) bool, at least one of each class.
+        inspected: fractions in (0, 1].
+    Returns:
+        {"auroc", "average_precision", "recall_at": {str(f): recall}, "n", "corrupted"}.
+    Raises:
+        ValueError: shapes differ, one class only, non-finite scores, or a fraction outside (0, 1].
+    """
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    scores, truth = np.asarray(scores, dtype=np.float64), np.asarray(is_corrupted, dtype=bool)
+    if scores.shape != truth.shape or scores.ndim != 1:
+        raise ValueError(f"scores {scores.shape} and is_corrupted {truth.shape} must be the same (n,) shape")
+    if truth.all() or not truth.any():
+        raise ValueError("is_corrupted needs both corrupted and clean samples")
+    if not np.isfinite(scores).all():
+        raise ValueError("scores hold NaN or Inf")
+    if any(not 0 < f <= 1 for f in inspected):
+        raise ValueError(f"inspected fractions must be in (0, 1], got {inspected}")
+    order = np.argsort(-scores, kind="stable")
+    recall = {repr(float(f)): float(truth[order[: int(np.ceil(f * len(scores)))]].sum() / truth.sum())
+              for f in inspected}
+    return {"auroc": float(roc_auc_score(truth, scores)), "average_precision": float(average_precision_score(truth, scores)),
+            "recall_at": recall, "n": int(len(scores)), "corrupted": int(truth.sum())}

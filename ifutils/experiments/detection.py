@@ -1,0 +1,261 @@
+"""Corrupted-sentence detection on the whole network (issue 16, item 1): does influence find corrupted training data
+better than Hessian-free gradient outliers (Chhabra et al. 2024, Outlier Gradient Analysis) on an LSTM LM?
+
+For each corruption kind (:mod:`ifutils.corruption`) and seed s: ``fraction`` of the first ``n_train`` PTB training
+sentences are corrupted (draw seeded by s), the small model of :class:`~ifutils.retrain.RetrainSpec` is trained on
+the corrupted set (training seed s), and every training sentence is ranked by
+
+* **self-influence** g_i^T (C + lambda I)^{-1} g_i (:func:`ifutils.self_influence.self_influence`) under EK-FAC and
+  KFAC (true-Fisher labels), the diagonal true Fisher and the diagonal EF, the identity, and the exact Hessian of the
+  512-coordinate subset (``subset_hessian``; damped to positive definiteness: lambda = max(lambda_0, 2 |lambda_min|));
+* **influence on the clean validation loss**, I_i = -g_i^T (C + lambda I)^{-1} g_val (positive = harmful), for the
+  same curvatures;
+* the **Outlier Gradient Analysis** scores: the L2 and L1 norms of g_i and an isolation forest (scikit-learn) on the
+  Kronecker-projected gradients (:class:`~ifutils.datamodels.KroneckerProjection`);
+* the **training loss** of the sentence under the trained model.
+
+lambda_0 = alpha x the mean eigenvalue of EK-FAC (the whole-network study's default). Scores are "higher = flagged
+first". Reported per ranking: AUROC, average precision and recall after inspecting 5 %, 10 %, 20 % of the training
+set (:func:`ifutils.metrics.detection_metrics`), mean and spread over seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..cache import ChunkCache
+from ..config import param, validate_fields
+from ..corruption import KINDS, corrupt
+from ..data import Corpus
+from ..metrics import detection_metrics
+from ..progress import log
+from ..retrain import RetrainSpec, Unit, select_train, sentence_losses, train_unit
+
+CURVATURES = ("ekfac", "kfac", "mc_fisher_k1_diag", "ef_diag", "identity", "subset_hessian")
+"""Curvature keys whose self-influence and validation influence are ranked (labels: ifutils.curvature.labels)."""
+HESSIAN_FREE = ("grad_l2", "grad_l1", "isolation_forest", "train_loss")
+
+
+@dataclass
+class DetectionConfig:
+    """The corruption benchmark's design (the model is the :class:`~ifutils.retrain.RetrainSpec` beside it)."""
+
+    fraction: float = param(0.05, "fraction of the n_train training sentences corrupted")
+    kinds: tuple[str, ...] = param(KINDS, "corruption kinds (ifutils.corruption)")
+    seeds: tuple[int, ...] = param((0, 1), "seeds: each draws the corruption and trains one model")
+    inspected: tuple[float, ...] = param((0.05, 0.1, 0.2), "fractions of the training set inspected (recall)")
+    k_out: int = param(32, "isolation forest features: projected rows per tensor")
+    k_in: int = param(32, "isolation forest features: projected columns per tensor")
+    subset_coords: int = param(512, "coordinates of the subset Hessian")
+
+    def __post_init__(self):
+        validate_fields(self)
+        if unknown := [k for k in self.kinds if k not in KINDS]:
+            raise ValueError(f"unknown corruption kinds {unknown}; choose from {', '.join(KINDS)}")
+        if not 0 < self.fraction < 1 or not self.seeds:
+            raise ValueError("fraction must be in (0, 1) and seeds non-empty")
+
+
+def corrupted_corpus(corpus: Corpus, spec: RetrainSpec, config: DetectionConfig, kind: str, seed: int
+                     ) -> tuple[Corpus, np.ndarray]:
+    """The corpus whose train split is the first n_train sentences with ``fraction`` of them corrupted (named after
+    the corruption), and the corrupted indices."""
+    train = corpus.splits["train"][: spec.n_train]
+    eos = corpus.vocab.stoi["<eos>"]
+    new, chosen = corrupt(train, config.fraction, kind, len(corpus.vocab), eos, seed)
+    name = f"{corpus.name} train[:{spec.n_train}] {kind}-corrupted {config.fraction:g} seed {seed}"
+    return Corpus(name, corpus.vocab, {**corpus.splits, "train": new}, corpus.window), chosen
+
+
+def detection_units(config: DetectionConfig) -> list[tuple[str, int]]:
+    """(kind, seed) of every model, seed-major (a stopped study holds every kind of the first seeds)."""
+    return [(kind, s) for s in config.seeds for kind in config.kinds]
+
+
+def unit_name(kind: str, seed: int) -> str:
+    return f"{kind}_s{seed}"
+
+
+def train_models(corpus: Corpus, spec: RetrainSpec, config: DetectionConfig, root: Path, shard=(0, 1),
+                 device="cpu") -> list[str]:
+    """Train (or resume, or skip) every model of this shard (unit j belongs to shard j mod k)."""
+    from ..progress import progress
+
+    torch.set_num_threads(spec.threads)
+    i, k = shard
+    mine = [u for j, u in enumerate(detection_units(config)) if j % k == i]
+    done = []
+    for kind, seed in progress(mine, desc=f"corrupted models (shard {i}/{k})", unit="model"):
+        data, _ = corrupted_corpus(corpus, spec, config, kind, seed)
+        train_unit(data, spec, Unit(unit_name(kind, seed), tuple(range(spec.n_train)), seed), root, device)
+        done.append(unit_name(kind, seed))
+    return done
+
+
+def rankings(model, data: Corpus, spec: RetrainSpec, config: DetectionConfig, wconfig, cache_dir=None,
+             stages=None) -> dict[str, np.ndarray]:
+    """{ranking name: (n_train,) score, higher = flagged first} for one trained model (module docstring); names
+    ``self:<key>``, ``valid:<key>`` and the Hessian-free ones. Cached by the model's weights and the settings."""
+    from ..curvature.exact import hessian_and_ggn
+    from ..curvature.network_kfac import (
+        _fit_sentences,
+        diagonal_fisher,
+        ekfac_network_curvature,
+        fit_network_kfac,
+        kfac_network_curvature,
+    )
+    from ..curvature.base import IdentityCurvature
+    from ..datamodels import KroneckerProjection
+    from ..influence import outlier_scores
+    from ..network import NetworkGrads
+    from ..scoring import score_all
+    from ..self_influence import flat_offsets, self_influence
+    from ..subset import SubsetLoss, default_subset
+    from .whole_network import Stages, query_gradients
+
+    stages = stages or Stages()
+    model = model.eval()
+    eos = data.vocab.stoi["<eos>"]
+    train, valid = data.splits["train"][: spec.n_train], data.splits["valid"]
+    cache = None
+    if cache_dir is not None:
+        cache = ChunkCache(cache_dir, {"stage": "detection rankings", "config": asdict(config), "n_fit": wconfig.n_fit,
+                                       "alpha": wconfig.alpha, "seed": wconfig.seed, "chunk_size": wconfig.chunk_size},
+                           dict(model.named_parameters()), train, code=("ifutils.self_influence", "ifutils.datamodels",
+                                                                        rankings))
+        stored = cache.get("rankings")
+        if stored is not None:
+            return {k: v.numpy() for k, v in stored.items()}
+    net = NetworkGrads(model, eos)
+    fit_args = dict(n_fit=wconfig.n_fit, chunk_size=wconfig.chunk_size, seed=wconfig.seed, cache_dir=cache_dir)
+    with stages("KFAC + EK-FAC factors"):
+        factors = fit_network_kfac(model, train, eos, labels="model", mc_samples=wconfig.mc_samples, **fit_args)
+    curvatures = {"ekfac": ekfac_network_curvature(factors), "kfac": kfac_network_curvature(factors)}
+    for labels in ("model", "data"):
+        with stages(f"diagonal Fisher ({labels} labels)"):
+            c = diagonal_fisher(model, train, eos, labels=labels, mc_samples=wconfig.mc_samples, **fit_args)
+        curvatures[c.name] = c
+    curvatures["identity"] = IdentityCurvature(net.p)
+    damping = wconfig.alpha * curvatures["ekfac"].mean_eigenvalue()
+    subset = default_subset(model, "recurrent", config.subset_coords, seed=wconfig.seed)
+    offsets = flat_offsets(net)
+    idx = torch.cat([offsets[n] + subset.indices[n] for n in subset.names])
+    with stages("subset Hessian"):
+        hess = hessian_and_ggn(SubsetLoss(model, subset, eos, dtype=torch.float64),
+                               _fit_sentences(train, wconfig.n_fit, wconfig.seed))[0]
+    sub_damping = max(damping, 2 * max(0.0, -float(hess.eigvalsh()[0])))
+    projection = KroneckerProjection(net.shapes, config.k_out, config.k_in, seed=wconfig.seed)
+    with stages("self-influence of every training sentence"):
+        self_inf = self_influence(net, train, curvatures, {k: [damping] for k in [*curvatures, "subset_hessian"]},
+                                  wconfig.chunk_size, restricted={"subset_hessian": (idx, hess)},
+                                  projection=projection)
+    with stages("influence on the validation loss"):
+        g_val = query_gradients(net, valid, [], wconfig.chunk_size)[0]
+        qs = [curvatures[k].solve(g_val.double(), damping).float() for k in CURVATURES[:-1]]
+        q_sub = torch.zeros(net.p)
+        q_sub[idx] = hess.solve(g_val[idx].double(), sub_damping).float()
+        scores_dir = (Path(cache_dir) / "detection_scores" / cache.key if cache is not None
+                      else Path(tempfile.mkdtemp(prefix="detection_scores_")))
+        valid_inf = np.asarray(score_all(model, train, eos, torch.stack([*qs, q_sub]), scores_dir,
+                                         chunk_size=wconfig.chunk_size))
+    with stages("isolation forest and training loss"):
+        forest = outlier_scores(torch.as_tensor(self_inf["features"]), seed=wconfig.seed)["isolation forest"]
+        losses, _ = sentence_losses(model, train, eos)
+    out = {f"self:{k}": self_inf[k][:, 0] for k in CURVATURES}
+    out.update({f"valid:{k}": valid_inf[:, j].astype(np.float64) for j, k in enumerate(CURVATURES)})
+    out.update({"grad_l2": self_inf["grad_l2"][:, 0], "grad_l1": self_inf["grad_l1"][:, 0],
+                "isolation_forest": forest.numpy(), "train_loss": losses})
+    out["meta_damping"] = np.array([damping, sub_damping])
+    if cache is not None:
+        cache.put("rankings", {k: torch.as_tensor(np.asarray(v, dtype=np.float64)) for k, v in out.items()})
+    log(f"rankings done (damping {damping:.3g}, subset damping {sub_damping:.3g})")
+    return out
+
+
+def detection_table(per_model: dict[tuple[str, int], dict], config: DetectionConfig) -> dict:
+    """{kind: {ranking: {"auroc", "average_precision", "recall_at": {f: ...}} each as {"mean", "std", "values"}}}
+    over the seeds of ``per_model`` ({(kind, seed): {ranking: detection_metrics dict}})."""
+    out = {}
+    for kind in config.kinds:
+        runs = [m for (k, _), m in sorted(per_model.items()) if k == kind]
+        if not runs:
+            continue
+        table = {}
+        for name in runs[0]:
+            entry = {}
+            for metric in ("auroc", "average_precision"):
+                values = [r[name][metric] for r in runs]
+                entry[metric] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values}
+            entry["recall_at"] = {}
+            for f in runs[0][name]["recall_at"]:
+                values = [r[name]["recall_at"][f] for r in runs]
+                entry["recall_at"][f] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values}
+            table[name] = entry
+        out[kind] = {"seeds": len(runs), "rankings": table}
+    return out
+
+
+def score_models(corpus: Corpus, spec: RetrainSpec, config: DetectionConfig, wconfig, root: Path, cache_dir,
+                 on_model=None) -> dict:
+    """Rankings and detection metrics of every trained model (models not trained yet are left out)."""
+    from ..io import load_checkpoint
+    from ..retrain import MODEL_FILE, RECORD_FILE
+    from .whole_network import Stages
+
+    per_model, info = {}, {}
+    for kind, seed in detection_units(config):
+        name = unit_name(kind, seed)
+        if not (root / name / RECORD_FILE).is_file():
+            continue
+        data, chosen = corrupted_corpus(corpus, spec, config, kind, seed)
+        model, _, _ = load_checkpoint(root / name / MODEL_FILE)
+        stages = Stages()
+        ranks = rankings(model, select_train(data, spec.n_train, range(spec.n_train)), spec, config, wconfig,
+                         cache_dir, stages)
+        damping, sub_damping = ranks.pop("meta_damping").tolist()
+        truth = np.zeros(spec.n_train, dtype=bool)
+        truth[chosen] = True
+        per_model[(kind, seed)] = {r: detection_metrics(v, truth, config.inspected) for r, v in ranks.items()}
+        record = json.loads((root / name / RECORD_FILE).read_text())
+        info[name] = {"corrupted": len(chosen), "damping": damping, "subset_damping": sub_damping,
+                      "valid_ppl": float(np.exp(record["valid_mean"])), "stages": stages.records}
+        if on_model is not None:
+            on_model(per_model, info)
+    return {"table": detection_table(per_model, config), "models": info}
+
+
+def format_detection(table: dict, metric: str = "auroc") -> str:
+    """Markdown: one row per ranking, one column per corruption kind: mean +- std over seeds of ``metric``
+    (``auroc``, ``average_precision`` or ``recall@<f>``)."""
+    from ..curvature.labels import label
+
+    kinds = list(table)
+    if not kinds:
+        return "(no model scored yet)"
+    names = list(table[kinds[0]]["rankings"])
+
+    def shown(name):
+        if ":" in name:
+            what, key = name.split(":")
+            return f"{'self-influence' if what == 'self' else 'influence on validation loss'}, {label(key)}"
+        return {"grad_l2": "OGA: gradient L2 norm", "grad_l1": "OGA: gradient L1 norm",
+                "isolation_forest": "OGA: isolation forest (projected gradients)", "train_loss": "training loss"}[name]
+
+    def value(entry):
+        if metric.startswith("recall@"):
+            v = entry["recall_at"][repr(float(metric.split("@")[1]))]
+        else:
+            v = entry[metric]
+        return f"{v['mean']:.3f} +- {v['std']:.3f}"
+
+    lines = ["| ranking | " + " | ".join(f"{k} ({table[k]['seeds']} seeds)" for k in kinds) + " |",
+             "|---" * (len(kinds) + 1) + "|"]
+    for name in names:
+        lines.append(f"| {shown(name)} | " + " | ".join(value(table[k]["rankings"][name]) for k in kinds) + " |")
+    return "\n".join(lines)

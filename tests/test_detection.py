@@ -1,0 +1,58 @@
+"""The corruption benchmark end to end on a tiny corpus: models trained on corrupted sets, every ranking, the
+table against detection_metrics on the rankings, and two rankings against a per-sentence autograd loop."""
+
+import numpy as np
+import pytest
+
+from ifutils.experiments.detection import (
+    DetectionConfig,
+    corrupted_corpus,
+    format_detection,
+    rankings,
+    score_models,
+    train_models,
+)
+from ifutils.experiments.whole_network import WholeNetworkConfig
+from ifutils.metrics import detection_metrics
+from ifutils.retrain import RetrainSpec
+
+
+def test_detection_study_on_a_tiny_corpus(tmp_path):
+    from ifutils.io import load_checkpoint
+    from ifutils.retrain import select_train
+
+    from .test_datamodels import _flat_loop
+    from .test_whole_network import _tiny_setup
+
+    corpus, _ = _tiny_setup()
+    spec = RetrainSpec(n_train=40, emb_dim=4, hidden=4, epochs=2, batch_size=8)
+    config = DetectionConfig(fraction=0.1, kinds=("shuffle", "repeat"), seeds=(0, 1), k_out=2, k_in=2, subset_coords=6)
+    wconfig = WholeNetworkConfig(n_fit=10, n_test=3, n_exact=0, exact_curvatures=(), chunk_size=8)
+    assert train_models(corpus, spec, config, tmp_path / "m", (0, 2)) == ["shuffle_s0", "shuffle_s1"]
+    train_models(corpus, spec, config, tmp_path / "m", (1, 2))
+    written = []
+    out = score_models(corpus, spec, config, wconfig, tmp_path / "m", tmp_path / "cache",
+                       on_model=lambda per, info: written.append(len(info)))
+    assert written == [1, 2, 3, 4] and set(out["table"]) == {"shuffle", "repeat"}
+    assert out["models"]["repeat_s1"]["corrupted"] == 4
+    # the table is detection_metrics of the (cached) rankings, mean over the two seeds
+    values = []
+    for seed in (0, 1):
+        data, chosen = corrupted_corpus(corpus, spec, config, "repeat", seed)
+        model, _, _ = load_checkpoint(tmp_path / "m" / f"repeat_s{seed}" / "model.pt")
+        ranks = rankings(model, select_train(data, 40, range(40)), spec, config, wconfig, tmp_path / "cache")
+        truth = np.zeros(40, bool)
+        truth[chosen] = True
+        values.append(detection_metrics(ranks["self:ekfac"], truth)["auroc"])
+        if seed == 1:  # identity rankings against a loop of per-sentence gradients
+            model = model.eval()
+            g = _flat_loop(model.double(), data.splits["train"][:40]).float()
+            gv = _flat_loop(model, data.splits["valid"]).mean(0).float()
+            damping = ranks["meta_damping"][0]
+            np.testing.assert_allclose(ranks["self:identity"], ((g * g).sum(1) / (1 + damping)).numpy(), rtol=1e-3)
+            np.testing.assert_allclose(ranks["valid:identity"], -(g @ gv / (1 + damping)).numpy(), rtol=1e-3,
+                                       atol=1e-6)
+            np.testing.assert_allclose(ranks["grad_l2"], (g * g).sum(1).numpy(), rtol=1e-3)
+    assert out["table"]["repeat"]["rankings"]["self:ekfac"]["auroc"]["mean"] == pytest.approx(np.mean(values))
+    text = format_detection(out["table"], "recall@0.1")
+    assert "self-influence, EK-FAC" in text and "OGA: isolation forest" in text and len(text.splitlines()) == 2 + 16

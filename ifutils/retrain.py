@@ -167,13 +167,17 @@ def _record_path(root: Path, unit: Unit) -> Path:
 
 
 def train_unit(corpus: Corpus, spec: RetrainSpec, unit: Unit, root: str | os.PathLike,
-               device: str | torch.device = "cpu") -> dict:
+               device: str | torch.device = "cpu", splits: tuple[str, ...] = ("valid",),
+               init: torch.nn.Module | None = None) -> dict:
     """Train one unit (or resume it, or skip it when finished) and measure its validation losses.
 
     Args:
         corpus: the full corpus (PTB); the unit trains on ``train[:spec.n_train]`` at ``unit.indices``.
         spec: the shared configuration. unit: what to train. root: the study's directory.
         device: where to train.
+        splits: the splits whose per-sentence losses are recorded (``<split>_losses``, ``<split>_mean``); "valid"
+            always. The test split is only ever measured, never used for a choice.
+        init: starting weights (continued training, :func:`ifutils.train.train_language_model`); None: seeded.
     Returns:
         the unit's record (see the module docstring); read from disk when the unit was finished before.
     Raises:
@@ -191,11 +195,13 @@ def train_unit(corpus: Corpus, spec: RetrainSpec, unit: Unit, root: str | os.Pat
     data = select_train(corpus, spec.n_train, unit.indices)
     start = time.perf_counter()
     model, history = train_language_model(data, spec.model_config(len(corpus.vocab)), spec.train_config(unit.seed),
-                                          root / unit.name / MODEL_FILE, device)
+                                          root / unit.name / MODEL_FILE, device, init=init)
     eos = corpus.vocab.stoi["<eos>"]
-    losses, mean = sentence_losses(model, corpus.splits["valid"], eos)
-    record = {**identity, "name": unit.name, "n_sentences": len(unit.indices), "history": history,
-              "valid_losses": losses.tolist(), "valid_mean": mean, "seconds_this_run": time.perf_counter() - start}
+    record = {**identity, "name": unit.name, "n_sentences": len(unit.indices), "history": history}
+    for split in dict.fromkeys(("valid", *splits)):
+        losses, mean = sentence_losses(model, corpus.splits[split], eos)
+        record.update({f"{split}_losses": losses.tolist(), f"{split}_mean": mean})
+    record["seconds_this_run"] = time.perf_counter() - start
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record)))
     return record
 

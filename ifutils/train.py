@@ -71,6 +71,7 @@ def train_language_model(
     config: TrainConfig,
     checkpoint_path: str | os.PathLike,
     device: str | torch.device = "cpu",
+    init: LSTMLM | None = None,
 ) -> tuple[LSTMLM, list[dict]]:
     """Train (or resume training) an :class:`LSTMLM` on ``corpus``.
 
@@ -81,6 +82,9 @@ def train_language_model(
     resumed from its last finished epoch (so a killed run loses at most one epoch); asking for more
     epochs than a finished checkpoint has extends it. With ``config.keep_epochs`` each epoch k is also saved,
     atomically and before the main checkpoint (so a resumed run never skips one), to ``<stem>_epoch<k><suffix>``.
+    ``init`` (a model of the same configuration) gives the starting weights instead of the seeded initialisation
+    (continued training, e.g. the second task of a continual-learning stream); the optimiser starts afresh. A
+    resumed run ignores it (the checkpoint holds the weights).
 
     Returns:
         (model in eval mode, history) where history holds one dict per epoch with
@@ -93,6 +97,10 @@ def train_language_model(
     train = corpus.splits["train"][: config.max_train_sentences]
     torch.manual_seed(config.seed)
     model = LSTMLM(model_config).to(device)
+    if init is not None:
+        if init.config.to_dict() != model_config.to_dict():
+            raise ValueError(f"init has another configuration ({init.config.to_dict()}) than {model_config.to_dict()}")
+        model.load_state_dict({k: v.to(device) for k, v in init.state_dict().items()})
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     history: list[dict] = []
     if Path(checkpoint_path).is_file():

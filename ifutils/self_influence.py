@@ -65,7 +65,7 @@ def _rotated(net: NetworkGrads, s: dict, name: str, bases, dtype) -> torch.Tenso
         d = s["d_embedding"].to(dtype)
         if q_col is not None:
             d = d @ q_col
-        b, (v, e) = d.shape[0], net.shapes[name]
+        b, v = d.shape[0], net.shapes[name][0]
         rows = d.new_zeros(b * v, d.shape[-1])
         keys = (torch.arange(b, device=d.device)[:, None] * v + s["tokens"]).flatten()
         return rows.index_add_(0, keys, d.reshape(-1, d.shape[-1])).view(b, v, -1)

@@ -56,3 +56,52 @@ def test_detection_study_on_a_tiny_corpus(tmp_path):
     assert out["table"]["repeat"]["rankings"]["self:ekfac"]["auroc"]["mean"] == pytest.approx(np.mean(values))
     text = format_detection(out["table"], "recall@0.1")
     assert "self-influence, EK-FAC" in text and "OGA: isolation forest" in text and len(text.splitlines()) == 2 + 16
+
+    # the applications notebook reads these results: executed headless on the tiny study's files
+    _notebook_smoke(out, corpus, tmp_path)
+
+
+def _notebook_smoke(detection, corpus, tmp_path):
+    import json
+
+    import papermill
+
+    from ifutils.experiments import applications as app
+
+    from .test_whole_network import _tiny_setup
+
+    _, model = _tiny_setup()
+    model = model.double().eval()
+    config = app.ApplicationsConfig(seeds=(0, 1))
+    rng = np.random.default_rng(0)
+    fake = lambda prefix, m, k: {f"{prefix}_{m}_{k}_s{s}": {"valid_mean": 5 + rng.normal(0, 0.1),  # noqa: E731
+                                                             "test_mean": 5 + rng.normal(0, 0.1),
+                                                             "ptb_valid_mean": 5 + rng.normal(0, 0.1)}
+                                  for s in (0, 1)}
+    records = {}
+    for m in ("random", "valid-ekfac"):
+        for k in ("1", "5"):
+            records.update(fake("trim", m, k))
+            records.update(fake("select", m, k))
+            records.update(fake("buffer", m, k))
+    records.update({f"trim_none_s{s}": {"valid_mean": 5.0, "test_mean": 5.0} for s in (0, 1)})
+    wconfig = WholeNetworkConfig(n_fit=10, n_test=3, n_exact=0, exact_curvatures=(), chunk_size=8)
+    forget = [1, 2, 3]
+    steps = app.newton_steps(model, corpus, forget, 40, wconfig, (0.1,))
+    results = {
+        "trimming": app.perplexity_table(records, "trim", config, [None], ["none"])
+        + app.perplexity_table(records, "trim", config, (1.0, 5.0), ["random", "valid:ekfac"]),
+        "selection": app.perplexity_table(records, "select", config, (1.0, 5.0), ["random", "valid:ekfac"]),
+        "buffer": app.perplexity_table(records, "buffer", config, (1, 5), ["random", "valid:ekfac"], valid="ptb_valid"),
+        "task2": "toy", "full_data_model": {"perplexity": {"valid": 9.0, "test": 9.0}},
+        "unlearning": app.unlearning_table(model, corpus, forget, 40, steps, {0: model}, original_seed=0)}
+    (tmp_path / "det.json").write_text(json.dumps({"table": detection["table"]}, default=float))
+    (tmp_path / "app.json").write_text(json.dumps(results, default=float))
+    papermill.execute_notebook("applications.ipynb", str(tmp_path / "applications.ipynb"), progress_bar=False,
+                               parameters={"detection_results": str(tmp_path / "det.json"),
+                                           "applications_results": str(tmp_path / "app.json"),
+                                           "figures_dir": str(tmp_path / "figures"), "figure_prefix": "toy"})
+    figures = sorted(p.name for p in (tmp_path / "figures").iterdir())
+    assert figures == [f"toy_{n}.png" for n in ("buffer", "detection_auroc", "selection", "trimming", "unlearning")]
+    shown = json.dumps(json.loads((tmp_path / "applications.ipynb").read_text())["cells"])
+    assert "best self-influence (AUROC)" in shown and "retrained (1 seeds)" in shown

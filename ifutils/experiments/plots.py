@@ -341,3 +341,82 @@ def lds_vs_damping(results: dict, label: str, path: str | os.PathLike) -> plt.Fi
     ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     return save(fig, path)
+
+
+def detection_bars(table: dict, label: str, path: str | os.PathLike, metric: str = "auroc") -> plt.Figure:
+    """Corrupted-sentence detection (``experiments/detection.py``): ``metric`` (mean +- std over seeds) of every
+    ranking, one panel per corruption kind; chance (AUROC 0.5, or the corrupted fraction for average precision)
+    dotted."""
+    kinds = list(table)
+    if not kinds:
+        raise ValueError("the detection table is empty: no corrupted model was scored")
+    names = list(table[kinds[0]]["rankings"])
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 0.28 * len(names) + 1.6), squeeze=False,
+                             sharey=True)
+    y = np.arange(len(names))
+    for ax, kind in zip(axes[0], kinds):
+        entries = [table[kind]["rankings"][n][metric] for n in names]
+        colors = ["C0" if n.startswith("self:") else "C1" if n.startswith("valid:") else "C2" for n in names]
+        ax.barh(y, [e["mean"] for e in entries], xerr=[e["std"] for e in entries], color=colors, alpha=0.8, capsize=2)
+        if metric == "auroc":
+            ax.axvline(0.5, color="k", ls=":", lw=1)
+        ax.set(title=f"{kind} ({table[kind]['seeds']} seeds)", xlabel=metric.replace("_", " "))
+        ax.grid(alpha=0.3, axis="x")
+    shown = [(f"self-infl. {curvature_label(n[5:])}" if n.startswith("self:") else
+              f"valid-infl. {curvature_label(n[6:])}" if n.startswith("valid:") else n) for n in names]
+    axes[0][0].set_yticks(y, shown, fontsize=7)
+    fig.suptitle(label, fontsize=9)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def perplexity_by_level(rows: list[dict], xlabel: str, label: str, path: str | os.PathLike,
+                        baseline: dict | None = None) -> plt.Figure:
+    """Validation perplexity (mean +- std over seeds) against the level (percent trimmed or kept, buffer size) for
+    each method of :func:`ifutils.experiments.applications.perplexity_table`; ``baseline`` (a row, e.g. nothing
+    trimmed) as a horizontal band."""
+    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["level"] not in (None, 0)))
+    for j, m in enumerate(methods):
+        got = sorted((r for r in rows if r["method"] == m and r["level"] not in (None, 0)), key=lambda r: r["level"])
+        ax.errorbar([r["level"] for r in got], [r["valid_ppl"]["mean"] for r in got],
+                    yerr=[r["valid_ppl"]["std"] for r in got], fmt="o-" if m != "random" else "s--", ms=4, capsize=2,
+                    color="k" if m == "random" else f"C{j % 10}", label=m)
+    if baseline is not None:
+        v = baseline["valid_ppl"]
+        ax.axhspan(v["mean"] - v["std"], v["mean"] + v["std"], color="0.6", alpha=0.3, label=baseline["method"])
+        ax.axhline(v["mean"], color="0.4", lw=1)
+    ax.set(xlabel=xlabel, ylabel="validation perplexity")
+    ax.set_title(label, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def unlearning_bars(table: dict, label: str, path: str | os.PathLike) -> plt.Figure:
+    """Unlearning: loss on the forgotten sentences and the membership gap (forgotten - test) of the original model
+    and every Newton step, beside the retrained models' mean +- std (band)."""
+    rows = table["rows"]
+    names = [r["method"] if r["damping"] is None else f"{curvature_label(r['method'])} @ {r['damping']:.0e}" for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.25 * len(rows) + 1.6), sharey=True)
+    y = np.arange(len(rows))
+    summary = table.get("retrained_summary") or {}
+    for ax, key, title in ((axes[0], "forget_loss", "loss on forgotten sentences (nats/token)"),
+                           (axes[1], "mia_gap", "membership gap: forgotten - test (nats/token)")):
+        values = np.array([r[key] for r in rows])
+        ax.barh(y, values, color="C0", alpha=0.8)
+        if key in summary:
+            m, s = summary[key]["mean"], summary[key]["std"]
+            ax.axvspan(m - s, m + s, color="C3", alpha=0.25, label="retrained without them")
+            ax.axvline(m, color="C3", lw=1)
+        lo, hi = np.percentile(values, [5, 95]) if len(values) > 3 else (values.min(), values.max())
+        pad = 0.5 * (hi - lo + 1e-9)
+        ax.set_xlim(min(lo, summary.get(key, {}).get("mean", lo)) - pad, max(hi, summary.get(key, {}).get("mean", hi)) + pad)
+        ax.set(title=title)
+        ax.grid(alpha=0.3, axis="x")
+    axes[0].set_yticks(y, names, fontsize=7)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(label, fontsize=9)
+    fig.tight_layout()
+    return save(fig, path)

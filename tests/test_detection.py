@@ -105,3 +105,13 @@ def _notebook_smoke(detection, corpus, tmp_path):
     assert figures == [f"toy_{n}.png" for n in ("buffer", "detection_auroc", "selection", "trimming", "unlearning")]
     shown = json.dumps(json.loads((tmp_path / "applications.ipynb").read_text())["cells"])
     assert "best self-influence (AUROC)" in shown and "retrained (1 seeds)" in shown
+    # docs/results.md renders both files
+    from ifutils.experiments.report import results_markdown
+
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "det.json").write_text(json.dumps({"table": detection["table"], "models": detection["models"],
+                                                            "config": {"fraction": 0.1}}, default=float))
+    (tmp_path / "res" / "app.json").write_text(json.dumps({**results, "trained_models": 20, "models": 30}, default=float))
+    text = results_markdown(tmp_path / "res")
+    assert "## Corrupted-sentence detection" in text and "## Trimming, selection, replay buffer, unlearning" in text
+    assert "Other results files" not in text

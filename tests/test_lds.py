@@ -114,6 +114,7 @@ def test_lds_study_on_a_tiny_corpus_assembles_the_measured_losses_and_scores_eve
 
 def _check_every_method(model, corpus, masks, losses, queries, tmp_path):
     import copy
+    import json
 
     """Every method group on the tiny model, against oracles built from a loop of per-sentence autograd gradients:
     identity and cosine (closed form), the Kronecker curvatures (their own solve instead of the eigenbasis
@@ -197,6 +198,18 @@ def _check_every_method(model, corpus, masks, losses, queries, tmp_path):
     lds_by_method({"lds": table}, "tiny", tmp_path / "methods.png")
     lds_vs_damping({"lds": table}, "tiny", tmp_path / "damping.png")
     assert (tmp_path / "methods.png").stat().st_size > 0 and (tmp_path / "damping.png").stat().st_size > 0
+    from ifutils.experiments.lds import format_lds
+    from ifutils.experiments.report import results_markdown
+
+    results = {"spec": {"hidden": 3, "n_train": 40, "epochs": 2}, "design": {}, "M": 4, "beta": 0.5, "S": 2,
+               "complete_subsets": 4, "finished_models": 8, "queries": queries, "default_damping": 1e-3,
+               "methods_config": {"n_solver_queries": 2}, "lds": table, "counterfactual": None,
+               "methods": {k: {"meta": v["meta"]} for k, v in preds.items()}}
+    text = format_lds(results)
+    assert "Noise ceiling" in text and "| EK-FAC |" in text and "multi-shift CG on 3 query columns" in text
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "lds.json").write_text(json.dumps(results, default=float))
+    assert "## Linear datamodeling score" in results_markdown(tmp_path / "res")
     # a rerun reads every group back from the cache (no stage runs again)
     again = Context(model, corpus, masks, queries, mconfig, wconfig, [(str(ckpt), 0.5), (str(ckpt2), 0.25)],
                     tmp_path / "cache", Stages())

@@ -189,3 +189,53 @@ def best_dampings(table: dict) -> dict:
         if r["damping"] is not None and (r["key"] not in best or r["lds"] > best[r["key"]]["lds"]):
             best[r["key"]] = {"name": name, **{f: r[f] for f in ("damping", "lds", "ci", "ceiling")}}
     return best
+
+
+def format_lds(results: dict) -> str:
+    """Markdown of ``results/ptb_lds.json``: the design, the noise ceiling, the LDS of every method at its default
+    and best damping (95 % bootstrap intervals over queries), on the solver queries, the solves, and the
+    counterfactual removals when present."""
+    from ..curvature.labels import label
+    from .counterfactual import format_removals
+
+    spec, table = results["spec"], results.get("lds") or {}
+    lines = [f"Model: width {spec['hidden']} LSTM LM, the first {spec['n_train']:,} PTB training sentences, "
+             f"{spec['epochs']} epochs (chosen by validation on the full-data model). Design: M = {results['M']} random "
+             f"subsets of beta = {results['beta']:g}, S = {results['S']} seeds each; **{results['complete_subsets']} "
+             f"subsets complete** ({results['finished_models']} models). Queries: {len(results['queries'])} validation "
+             f"sentences (LDS mean over them) and the mean validation loss (Spearman over subsets). Default damping "
+             f"lambda_0 = {results['default_damping']:.3g} (0.1 x EK-FAC's mean eigenvalue)."]
+    if not table:
+        return "\n".join(lines + ["", "Fewer than 3 complete subsets: no LDS yet."])
+    first = next(iter(table.values()))
+    lines += ["", f"Noise ceiling (one seed's losses predicting the other's): **{first['ceiling']:.3f}** "
+              f"[{first['ceiling_ci'][0]:.3f}, {first['ceiling_ci'][1]:.3f}].", "",
+              "| method | LDS at default damping [95% CI] | LDS at best damping [95% CI] (lambda) | LDS on the first "
+              f"{results['methods_config']['n_solver_queries']} queries (best damping) | validation-loss query "
+              "Spearman (best) |", "|---|---|---|---|---|"]
+    keys = list(dict.fromkeys(r["key"] for r in table.values()))
+    fmt = lambda r: f"{r['lds']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]"  # noqa: E731
+    rows = []
+    for key in keys:
+        entries = [r for r in table.values() if r["key"] == key]
+        default = next((r for r in entries if r["damping"] is None or r["default"]), None)
+        best = max(entries, key=lambda r: r["lds"])
+        where = "" if best["damping"] is None else f" ({best['damping']:.2g})"
+        rows.append((best["lds"], f"| {label(key)} | {fmt(default) if default else '- (not positive definite)'} | "
+                     f"{fmt(best)}{where} | {best['solver_queries']['lds']:.3f} | {best['validation']:.3f} |"))
+    lines += [r for _, r in sorted(rows, key=lambda x: -x[0])]
+    methods = results.get("methods", {})
+    for key in ("ggn", "hessian_cg"):
+        solves = methods.get(key, {}).get("meta", {}).get("solves")
+        if solves:
+            lines += ["", f"{label(key)} by multi-shift CG on {methods[key]['meta']['columns']} query columns: "
+                      + "; ".join(f"lambda {float(d):.2g}: {sum(s['converged'])}/{len(s['converged'])} converged, "
+                                  f"true residual <= {max(s['true_residual']):.1e}" for d, s in solves.items())
+                      + (f"; not positive definite (skipped): {', '.join(f'{d:.2g}' for d in methods[key]['meta']['skipped_not_positive_definite'])}"
+                         if methods[key]["meta"].get("skipped_not_positive_definite") else "") + "."]
+    cf = results.get("counterfactual")
+    if cf:
+        lines += ["", f"**Counterfactual removals** ({cf['finished']} of {cf['models']} models trained): change of the "
+                  "query loss (nats/token) after removing the k sentences each method ranks most helpful, against the "
+                  "model on all sentences with the same seed.", "", format_removals(cf["table"])]
+    return "\n".join(lines)

@@ -422,7 +422,32 @@ def results_markdown(results_dir: str | os.PathLike, tracked_only: bool = False)
 
         parts.append("## Whole-network influence\n\n" + "\n\n".join(
             f"From `{n}` (`experiments/whole_network.py`).\n\n{format_whole_network(files[n])}" for n in whole))
-    known = set(SPECIAL) | set(runs) | set(truths) | set(whole) | {
+    lds = [n for n, d in files.items() if isinstance(d, dict) and "lds" in d and "design" in d]
+    if lds:
+        from .lds import format_lds
+
+        parts.append("## Linear datamodeling score against retrained models (whole network)\n\n" + "\n\n".join(
+            f"From `{n}` (`experiments/lds.py`, `scripts/lds.sh`).\n\n{format_lds(files[n])}" for n in lds))
+    detection = [n for n, d in files.items() if isinstance(d, dict) and "table" in d and "models" in d
+                 and "fraction" in d.get("config", {})]
+    if detection:
+        from .detection import format_detection
+
+        parts.append("## Corrupted-sentence detection\n\n" + "\n\n".join(
+            f"From `{n}` (`experiments/detection.py`); mean +- std over seeds.\n\n" + "\n\n".join(
+                f"**{m}**\n\n{format_detection(files[n]['table'], m)}" for m in ("auroc", "average_precision",
+                                                                                 "recall@0.1")) for n in detection))
+    apps = [n for n, d in files.items() if isinstance(d, dict) and "trimming" in d and "unlearning" in d]
+    if apps:
+        from . import applications as app
+
+        parts.append("## Trimming, selection, replay buffer, unlearning\n\n" + "\n\n".join(
+            f"From `{n}` (`experiments/applications.py`; {files[n]['trained_models']} of {files[n]['models']} models "
+            f"trained).\n\n**Trimming**\n\n{app.format_perplexity(files[n]['trimming'], 'percent removed')}\n\n"
+            f"**Selection**\n\n{app.format_perplexity(files[n]['selection'], 'percent kept')}\n\n"
+            f"**Replay buffer** (PTB perplexity after task 2)\n\n{app.format_perplexity(files[n]['buffer'], 'buffer size')}"
+            f"\n\n**Unlearning**\n\n{app.format_unlearning(files[n]['unlearning'])}" for n in apps))
+    known = set(SPECIAL) | set(runs) | set(truths) | set(whole) | set(lds) | set(detection) | set(apps) | {
         n for n, d in files.items() if isinstance(d, dict) and d.get("training")}
     other = [n for n in files if n not in known]
     if other:

@@ -334,11 +334,29 @@ def group_tracin(ctx: Context) -> dict:
     return {"tracin": {"dampings": [None], "pred": _as_rows(total)[None], "meta": {"checkpoints": used}}}
 
 
-def _operator(ctx: Context, curvature: str):
+class _Counted:
+    """A matvec that advances a progress bar by the columns it multiplies, so that a long solve (Arnoldi, CG) shows
+    its products as they happen; values unchanged."""
+
+    def __init__(self, mv, total: int, desc: str):
+        self.mv, self.bar = mv, progress(total=total, desc=desc, unit="product")
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        out = self.mv(v)
+        self.bar.update(1 if v.dim() == 1 else v.shape[1])
+        return out
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _operator(ctx: Context, curvature: str, total: int | None = None, desc: str | None = None):
+    """The whole-network ``curvature`` ("F" or "H") on the fit sentences; with ``total``, counted on a progress bar."""
     from ..curvature.estimators import CurvatureProducts
     from ..curvature.network_products import NetworkOperator
 
-    return NetworkOperator(CurvatureProducts(ctx.model, ctx.fit, ctx.eos), curvature, block=1, vectorize=False)
+    op = NetworkOperator(CurvatureProducts(ctx.model, ctx.fit, ctx.eos), curvature, block=1, vectorize=False)
+    return op if total is None else _Counted(op, total, desc or f"{curvature} products")
 
 
 def group_arnoldi(ctx: Context) -> dict:
@@ -354,7 +372,9 @@ def group_arnoldi(ctx: Context) -> dict:
         if stored is None:
             with ctx.stages(f"Arnoldi on {key} ({2 * rank} products)"), warnings.catch_warnings():
                 warnings.simplefilter("ignore", SolverWarning)
-                evals, evecs, info = arnoldi(_operator(ctx, curvature), ctx.net.p, rank, 2 * rank, ctx.wconfig.seed)
+                op = _operator(ctx, curvature, 3 * rank, f"Arnoldi {key}")  # 2 rank iterations + rank checks
+                evals, evecs, info = arnoldi(op, ctx.net.p, rank, 2 * rank, ctx.wconfig.seed)
+                op.close()
             stored = {"evals": evals, "evecs": evecs.float(), "ritz_residual": torch.tensor(info["ritz_residual"])}
             if cache is not None:
                 cache.put("ritz", stored)
@@ -381,7 +401,7 @@ def group_cg(ctx: Context) -> dict:
         skipped = [d for d in ctx.dampings() if d not in dampings]
         if not dampings:
             continue
-        op = _operator(ctx, curvature)
+        op = _operator(ctx, curvature, len(cols) * (ctx.config.cg_max_iter + len(dampings)), f"CG products ({key})")
         cache = ctx.cache(f"multishift cg {curvature}", ["ifutils.curvature.multishift",
                                                           "ifutils.curvature.network_products"],
                           {"dampings": dampings, "tol": ctx.config.cg_tol, "max_iter": ctx.config.cg_max_iter})

@@ -47,6 +47,10 @@ def main() -> None:
     choice = json.loads(choice_path.read_text())
     spec = from_args(RetrainSpec, args, epochs=choice["epochs"])
     root = model_root(project_path(args.lds_root), spec) / f"e{spec.epochs}_applications"
+    import torch
+
+    torch.set_num_threads(spec.threads)  # --threads: 1 beside other processes (OpenMP waits thrash otherwise)
+    torch.set_flush_denormal(True)  # subnormal floats to zero (below 1.2e-38; no effect on the results)
     corpus = load_corpus("ptb")
     small = select_train(corpus, spec.n_train, range(spec.n_train))
     device = resolve_device(args.device)

@@ -50,6 +50,10 @@ def main() -> None:
         epochs = json.loads(path.read_text())["epochs"]
     spec = from_args(RetrainSpec, args, epochs=epochs)
     root = model_root(project_path(args.root), spec) / f"e{spec.epochs}_fraction{config.fraction:g}"
+    import torch
+
+    torch.set_num_threads(spec.threads)  # --threads: 1 beside other processes (OpenMP waits thrash otherwise)
+    torch.set_flush_denormal(True)  # subnormal floats to zero (below 1.2e-38; no effect on the results)
     corpus = load_corpus("ptb")
     if args.stage == "status":
         units = detection_units(config)

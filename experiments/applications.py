@@ -58,9 +58,16 @@ def main() -> None:
     from ifutils.experiments.whole_network import WholeNetworkConfig
 
     wconfig = WholeNetworkConfig()
-    harm = rankings(full, small, spec, DetectionConfig(), wconfig, project_path("cache"))
+    ranked = rankings(full, small, spec, DetectionConfig(), wconfig, project_path("cache"),
+                      compute=args.stage != "status")
+    if ranked is None:  # status only: the units depend on the rankings, which --stage rank computes
+        trained = sum(1 for _ in root.glob(f"*/{RECORD_FILE}")) if root.is_dir() else 0
+        print(f"the full-data model's rankings are not computed yet (run --stage rank); {trained} application "
+              f"models trained under {root}")
+        return
+    harm, dampings = ranked
     if args.stage == "rank":
-        print(f"rankings of {choice['checkpoint']}: {', '.join(k for k in harm if k != 'meta_damping')}")
+        print(f"rankings of {choice['checkpoint']} (damping {dampings['damping']:.3g}): {', '.join(harm)}")
         return
     units, task2 = plan(corpus, small, spec, config, harm)
     if args.stage == "status":

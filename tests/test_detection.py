@@ -40,7 +40,13 @@ def test_detection_study_on_a_tiny_corpus(tmp_path):
     for seed in (0, 1):
         data, chosen = corrupted_corpus(corpus, spec, config, "repeat", seed)
         model, _, _ = load_checkpoint(tmp_path / "m" / f"repeat_s{seed}" / "model.pt")
-        ranks = rankings(model, select_train(data, 40, range(40)), spec, config, wconfig, tmp_path / "cache")
+        ranks, dampings = rankings(model, select_train(data, 40, range(40)), spec, config, wconfig, tmp_path / "cache")
+        assert dampings["damping"] == pytest.approx(out["models"][f"repeat_s{seed}"]["damping"])
+        cached, _ = rankings(model, select_train(data, 40, range(40)), spec, config, wconfig, tmp_path / "cache",
+                             compute=False)  # status: read back, never computed
+        assert cached.keys() == ranks.keys() and all(np.array_equal(cached[k], ranks[k]) for k in ranks)
+        assert rankings(model, select_train(data, 40, range(40)), spec, config, wconfig, tmp_path / "empty",
+                        compute=False) is None
         truth = np.zeros(40, bool)
         truth[chosen] = True
         values.append(detection_metrics(ranks["self:ekfac"], truth)["auroc"])
@@ -48,7 +54,7 @@ def test_detection_study_on_a_tiny_corpus(tmp_path):
             model = model.eval()
             g = _flat_loop(model.double(), data.splits["train"][:40]).float()
             gv = _flat_loop(model, data.splits["valid"]).mean(0).float()
-            damping = ranks["meta_damping"][0]
+            damping = dampings["damping"]
             np.testing.assert_allclose(ranks["self:identity"], ((g * g).sum(1) / (1 + damping)).numpy(), rtol=1e-3)
             np.testing.assert_allclose(ranks["valid:identity"], -(g @ gv / (1 + damping)).numpy(), rtol=1e-3,
                                        atol=1e-6)

@@ -99,9 +99,15 @@ def train_models(corpus: Corpus, spec: RetrainSpec, config: DetectionConfig, roo
 
 
 def rankings(model, data: Corpus, spec: RetrainSpec, config: DetectionConfig, wconfig, cache_dir=None,
-             stages=None) -> dict[str, np.ndarray]:
-    """{ranking name: (n_train,) score, higher = flagged first} for one trained model (module docstring); names
-    ``self:<key>``, ``valid:<key>`` and the Hessian-free ones. Cached by the model's weights and the settings."""
+             stages=None, compute: bool = True) -> tuple[dict[str, np.ndarray], dict[str, float]] | None:
+    """The rankings of one trained model (module docstring), cached by the model's weights and the settings.
+
+    Returns:
+        (scores, dampings): scores {ranking name: (n_train,) float64, higher = flagged first}, names ``self:<key>``,
+        ``valid:<key>`` and the Hessian-free ones; dampings {"damping": lambda_0 of the whole-network curvatures,
+        "subset_damping": the subset Hessian's}. With ``compute=False``: the cached pair, or None when not cached
+        (nothing is computed; for status reports).
+    """
     from ..curvature.exact import hessian_and_ggn
     from ..curvature.network_kfac import (
         _fit_sentences,
@@ -131,7 +137,11 @@ def rankings(model, data: Corpus, spec: RetrainSpec, config: DetectionConfig, wc
                                                                         rankings))
         stored = cache.get("rankings")
         if stored is not None:
-            return {k: v.numpy() for k, v in stored.items()}
+            scores = {k: v.numpy() for k, v in stored.items()}
+            damping, sub_damping = scores.pop("dampings").tolist()
+            return scores, {"damping": damping, "subset_damping": sub_damping}
+    if not compute:
+        return None
     net = NetworkGrads(model, eos)
     fit_args = dict(n_fit=wconfig.n_fit, chunk_size=wconfig.chunk_size, seed=wconfig.seed, cache_dir=cache_dir)
     with stages("KFAC + EK-FAC factors"):
@@ -171,11 +181,12 @@ def rankings(model, data: Corpus, spec: RetrainSpec, config: DetectionConfig, wc
     out.update({f"valid:{k}": valid_inf[:, j].astype(np.float64) for j, k in enumerate(CURVATURES)})
     out.update({"grad_l2": self_inf["grad_l2"][:, 0], "grad_l1": self_inf["grad_l1"][:, 0],
                 "isolation_forest": forest.numpy(), "train_loss": losses})
-    out["meta_damping"] = np.array([damping, sub_damping])
     if cache is not None:
-        cache.put("rankings", {k: torch.as_tensor(np.asarray(v, dtype=np.float64)) for k, v in out.items()})
+        stored = {k: torch.as_tensor(np.asarray(v, dtype=np.float64)) for k, v in out.items()}
+        cache.put("rankings", {**stored, "dampings": torch.tensor([damping, sub_damping], dtype=torch.float64)})
     log(f"rankings done (damping {damping:.3g}, subset damping {sub_damping:.3g})")
-    return out
+    return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}, {"damping": damping,
+                                                                          "subset_damping": sub_damping}
 
 
 def detection_table(per_model: dict[tuple[str, int], dict], config: DetectionConfig) -> dict:
@@ -216,14 +227,13 @@ def score_models(corpus: Corpus, spec: RetrainSpec, config: DetectionConfig, wco
         data, chosen = corrupted_corpus(corpus, spec, config, kind, seed)
         model, _, _ = load_checkpoint(root / name / MODEL_FILE)
         stages = Stages()
-        ranks = rankings(model, select_train(data, spec.n_train, range(spec.n_train)), spec, config, wconfig,
-                         cache_dir, stages)
-        damping, sub_damping = ranks.pop("meta_damping").tolist()
+        ranks, dampings = rankings(model, select_train(data, spec.n_train, range(spec.n_train)), spec, config,
+                                   wconfig, cache_dir, stages)
         truth = np.zeros(spec.n_train, dtype=bool)
         truth[chosen] = True
         per_model[(kind, seed)] = {r: detection_metrics(v, truth, config.inspected) for r, v in ranks.items()}
         record = json.loads((root / name / RECORD_FILE).read_text())
-        info[name] = {"corrupted": len(chosen), "damping": damping, "subset_damping": sub_damping,
+        info[name] = {"corrupted": len(chosen), **dampings,
                       "valid_ppl": float(np.exp(record["valid_mean"])), "stages": stages.records}
         if on_model is not None:
             on_model(per_model, info)

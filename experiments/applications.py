@@ -84,8 +84,12 @@ def main() -> None:
         mine = [u for j, u in enumerate(units) if j % k == i]
         todo = [u for u in mine if not (root / u[0].name / RECORD_FILE).is_file()]
         print(f"{len(mine)} models in shard {i}/{k}: {len(mine) - len(todo)} trained, {len(todo)} to train")
+        busy = []
         for unit, data, unit_spec, init, splits in progress(todo, desc=f"applications (shard {i}/{k})", unit="model"):
-            train_unit(data, unit_spec, unit, root, device, splits=splits, init=full if init else None)
+            if train_unit(data, unit_spec, unit, root, device, splits=splits, init=full if init else None) is None:
+                busy.append(unit.name)  # another process is training it (its lock is held)
+        if busy:
+            print(f"{len(busy)} models were being trained by another process and were left to it")
         return
     score(corpus, small, spec, config, wconfig, root, full, choice, units, task2, args)
 

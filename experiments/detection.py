@@ -5,7 +5,8 @@
     IFUTILS_DATA_DIR=../shared/data .venv/bin/python experiments/detection.py --stage score
 
 ``train``: one small model (``RetrainSpec``, epochs from the LDS study's choice) per corruption kind and seed, each
-trained on the first 10,000 PTB sentences with 5 % of them corrupted; resumable per model, two shards side by side.
+trained on the first 10,000 PTB sentences with 5 % of them corrupted; resumable per model, two shards side by side
+(or two processes without ``--shard``: a model being trained is locked).
 ``score``: every ranking of every trained model (cached per model), the detection table (AUROC, average precision,
 recall at 5/10/20 % inspected, mean +- std over seeds), results/ptb_detection.json (``_<hash>`` for another
 configuration). ``status``: how many models are trained.

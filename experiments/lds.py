@@ -8,7 +8,9 @@ the linear datamodeling score (``ifutils.experiments.lds``, ``ifutils.retrain``;
 Every ``RetrainSpec`` and ``LdsConfig`` field is an option. ``--stage train`` takes the epoch count chosen by
 ``--stage choose`` (``<root>/.../epochs.json``) unless ``--epochs`` is given. Every model is its own checkpoint
 under ``--root``; finished models are skipped, a killed one resumes from its last finished epoch, so the study can
-be stopped and resumed at any point; two shards run side by side on two cores.
+be stopped and resumed at any point; two shards run side by side on two cores, or two processes on the whole list
+(no ``--shard``): a model being trained is locked, so each process takes the next free one. Every study of issues 15
+and 16 on two workers: ``bash scripts/studies.sh``.
 """
 
 from __future__ import annotations

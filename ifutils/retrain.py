@@ -14,6 +14,13 @@ training data. This module is the trainer for them:
 * :func:`run_units`: train a list of units in order, or the share ``shard = (i, k)`` of them (unit j goes to
   shard j mod k), so that k processes can run side by side, one per core.
 
+Side by side without shards: a unit being trained holds an exclusive lock on ``<unit>/train.lock`` (``fcntl.flock``,
+released by the kernel when the process ends, killed or not), and :func:`train_unit` skips a unit whose lock another
+process holds (it returns None). So k processes started on the same unit list (``shard = (0, 1)`` each) share the
+units dynamically, each taking the next unit nobody trains, and a unit left by a killed process is taken up by the
+next run. The lock coordinates the processes of one machine (a local file system); without ``fcntl`` (Windows) units
+are not locked and shards must be used.
+
 A unit's directory holds ``model.pt`` (weights, optimiser and RNG state after the last finished epoch) and, when it
 is finished, ``record.json`` (written last, atomically): the training indices' fingerprint, the seed, the epochs'
 history, and ``valid_losses``, the mean token NLL (nats/token) of each validation sentence in split order, and
@@ -44,7 +51,7 @@ from .model import ModelConfig, sentence_loss
 from .progress import log, progress
 from .train import TrainConfig, train_language_model
 
-__all__ = ["RECORD_FILE", "MODEL_FILE", "RetrainSpec", "Unit", "random_subsets", "select_train", "sentence_losses",
+__all__ = ["RECORD_FILE", "MODEL_FILE", "LOCK_FILE", "RetrainSpec", "Unit", "random_subsets", "select_train", "sentence_losses",
            "train_unit", "run_units", "load_records"]
 
 RECORD_FILE, MODEL_FILE = "record.json", "model.pt"
@@ -162,14 +169,37 @@ def sentence_losses(model, sentences: list[torch.Tensor], eos_id: int, batch_siz
     return out, total / tokens
 
 
+LOCK_FILE = "train.lock"
+
+
 def _record_path(root: Path, unit: Unit) -> Path:
     return root / unit.name / RECORD_FILE
 
 
+def _try_lock(directory: Path):
+    """An open file holding an exclusive ``flock`` on ``directory / LOCK_FILE``, or None when another process (or
+    another open of the file) holds it; without ``fcntl``, an unlocked stand-in. Close it to release."""
+    directory.mkdir(parents=True, exist_ok=True)
+    handle = open(directory / LOCK_FILE, "a+")
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; shards keep processes apart
+        return handle
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
 def train_unit(corpus: Corpus, spec: RetrainSpec, unit: Unit, root: str | os.PathLike,
                device: str | torch.device = "cpu", splits: tuple[str, ...] = ("valid",),
-               init: torch.nn.Module | None = None) -> dict:
+               init: torch.nn.Module | None = None) -> dict | None:
     """Train one unit (or resume it, or skip it when finished) and measure its validation losses.
+
+    A unit that another process is training (its ``train.lock`` held, module docstring) is skipped: None is returned
+    and nothing is written.
 
     Args:
         corpus: the full corpus (PTB); the unit trains on ``train[:spec.n_train]`` at ``unit.indices``.
@@ -179,7 +209,8 @@ def train_unit(corpus: Corpus, spec: RetrainSpec, unit: Unit, root: str | os.Pat
             always. The test split is only ever measured, never used for a choice.
         init: starting weights (continued training, :func:`ifutils.train.train_language_model`); None: seeded.
     Returns:
-        the unit's record (see the module docstring); read from disk when the unit was finished before.
+        the unit's record (see the module docstring); read from disk when the unit was finished before; None when
+        another process holds the unit's lock.
     Raises:
         ValueError: bad indices (:func:`select_train`); a record or checkpoint of this unit's directory written for
             other indices, seed or configuration (pick another root).
@@ -188,11 +219,28 @@ def train_unit(corpus: Corpus, spec: RetrainSpec, unit: Unit, root: str | os.Pat
     path = _record_path(root, unit)
     identity = {"indices": fingerprint(sorted(unit.indices)), "seed": unit.seed, "spec": spec.identity()}
     if path.is_file():
-        record = json.loads(path.read_text())
-        if {k: record.get(k) for k in identity} != identity:
-            raise ValueError(f"{path} was written for other indices, seed or configuration; pick another root")
-        return record
-    data = select_train(corpus, spec.n_train, unit.indices)
+        return _read_record(path, identity)
+    data = select_train(corpus, spec.n_train, unit.indices)  # bad indices raise before anything is written
+    lock = _try_lock(root / unit.name)
+    if lock is None:
+        return None
+    try:
+        if path.is_file():  # finished by another process between the check and the lock
+            return _read_record(path, identity)
+        return _train_locked(data, corpus, spec, unit, root, device, splits, init, identity)
+    finally:
+        lock.close()
+
+
+def _read_record(path: Path, identity: dict) -> dict:
+    record = json.loads(path.read_text())
+    if {k: record.get(k) for k in identity} != identity:
+        raise ValueError(f"{path} was written for other indices, seed or configuration; pick another root")
+    return record
+
+
+def _train_locked(data, corpus, spec, unit, root, device, splits, init, identity) -> dict:
+    path = _record_path(root, unit)
     start = time.perf_counter()
     model, history = train_language_model(data, spec.model_config(len(corpus.vocab)), spec.train_config(unit.seed),
                                           root / unit.name / MODEL_FILE, device, init=init)
@@ -208,7 +256,8 @@ def train_unit(corpus: Corpus, spec: RetrainSpec, unit: Unit, root: str | os.Pat
 
 def run_units(corpus: Corpus, spec: RetrainSpec, units: Sequence[Unit], root: str | os.PathLike,
               shard: tuple[int, int] = (0, 1), device: str | torch.device = "cpu") -> list[str]:
-    """Train every unit of this shard (unit j belongs to shard j mod k), skipping finished ones, with progress.
+    """Train every unit of this shard (unit j belongs to shard j mod k), skipping finished ones and those another
+    process is training (module docstring), with progress.
 
     ``spec.threads`` torch threads are used (set here). Units are trained in list order, so a study listed
     subset-major keeps its finished units in complete groups.
@@ -230,8 +279,13 @@ def run_units(corpus: Corpus, spec: RetrainSpec, units: Sequence[Unit], root: st
     mine = [u for j, u in enumerate(units) if j % k == i]
     todo = [u for u in mine if not _record_path(Path(root), u).is_file()]
     log(f"{len(mine)} units in shard {i}/{k}: {len(mine) - len(todo)} finished, {len(todo)} to train")
+    busy = []
     for unit in progress(todo, desc=f"retraining (shard {i}/{k})", unit="model"):
-        train_unit(corpus, spec, unit, root, device)
+        if train_unit(corpus, spec, unit, root, device) is None:
+            busy.append(unit.name)
+    if busy:
+        log(f"{len(busy)} units were being trained by another process and were left to it: {', '.join(busy[:5])}"
+            f"{' ...' if len(busy) > 5 else ''}")
     return [u.name for u in mine if _record_path(Path(root), u).is_file()]
 
 

@@ -110,3 +110,28 @@ def test_shards_split_the_units_and_together_cover_them(tmp_path):
     for bad in ((2, 2), (-1, 2), (0, 0)):
         with pytest.raises(ValueError, match="shard"):
             run_units(toy_corpus(), spec, units, tmp_path, shard=bad)
+
+
+def test_a_unit_another_process_trains_is_skipped_and_taken_up_once_its_lock_is_released(tmp_path):
+    """A separate process holds unit a's lock (as a running trainer does): train_unit returns None and writes
+    nothing, run_units trains only b; once that process ends (the kernel drops its lock), a is trained."""
+    a, b = Unit("a", tuple(range(0, 50, 2)), 0), Unit("b", tuple(range(1, 50, 2)), 0)
+    (tmp_path / "a").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import fcntl, sys, time
+handle = open({str(tmp_path / 'a' / 'train.lock')!r}, 'a+')
+fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+print('locked', flush=True)
+time.sleep(600)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert train_unit(toy_corpus(), SPEC, a, tmp_path) is None
+        assert not (tmp_path / "a" / "model.pt").exists() and not (tmp_path / "a" / "record.json").exists()
+        assert run_units(toy_corpus(), SPEC, [a, b], tmp_path) == ["b"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_units(toy_corpus(), SPEC, [a, b], tmp_path) == ["a", "b"]
+    assert train_unit(toy_corpus(), SPEC, a, tmp_path)["valid_losses"] == train_unit(
+        toy_corpus(), SPEC, a, tmp_path / "again")["valid_losses"]

@@ -84,7 +84,8 @@ def unit_name(kind: str, seed: int) -> str:
 
 def train_models(corpus: Corpus, spec: RetrainSpec, config: DetectionConfig, root: Path, shard=(0, 1),
                  device="cpu") -> list[str]:
-    """Train (or resume, or skip) every model of this shard (unit j belongs to shard j mod k)."""
+    """Train (or resume, or skip) every model of this shard (unit j belongs to shard j mod k); returns the names of
+    the shard's models finished here or before (a model another process is training is left to it)."""
     from ..progress import progress
 
     torch.set_num_threads(spec.threads)
@@ -93,8 +94,9 @@ def train_models(corpus: Corpus, spec: RetrainSpec, config: DetectionConfig, roo
     done = []
     for kind, seed in progress(mine, desc=f"corrupted models (shard {i}/{k})", unit="model"):
         data, _ = corrupted_corpus(corpus, spec, config, kind, seed)
-        train_unit(data, spec, Unit(unit_name(kind, seed), tuple(range(spec.n_train)), seed), root, device)
-        done.append(unit_name(kind, seed))
+        if train_unit(data, spec, Unit(unit_name(kind, seed), tuple(range(spec.n_train)), seed), root,
+                      device) is not None:
+            done.append(unit_name(kind, seed))
     return done
 
 

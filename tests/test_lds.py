@@ -204,9 +204,24 @@ def _check_every_method(model, corpus, masks, losses, queries, tmp_path):
     results = {"spec": {"hidden": 3, "n_train": 40, "epochs": 2}, "design": {}, "M": 4, "beta": 0.5, "S": 2,
                "complete_subsets": 4, "finished_models": 8, "queries": queries, "default_damping": 1e-3,
                "methods_config": {"n_solver_queries": 2}, "lds": table, "counterfactual": None,
-               "methods": {k: {"meta": v["meta"]} for k, v in preds.items()}}
+               "methods": {k: {"meta": v["meta"], "dampings": v["dampings"]} for k, v in preds.items()}}
     text = format_lds(results)
     assert "Noise ceiling" in text and "| EK-FAC |" in text and "multi-shift CG on 3 query columns" in text
+    # the best damping against the spectrum: ratios by hand from a stated spectrum
+    from ifutils.experiments.lds import best_dampings, damping_against_spectrum
+
+    results.update({"best": best_dampings(table), "whole_network_config": {"alpha": 0.1},
+                    "spectrum": {"H": {"lambda_min": -0.05, "lambda_max": 2.0}, "F": {"lambda_max": 4.0}}})
+    rel = damping_against_spectrum(results)
+    assert rel["mean_eigenvalue"] == pytest.approx(1e-2)
+    for key, r in rel["methods"].items():
+        d = results["best"][key]["damping"]
+        assert r["over_mean"] == pytest.approx(d / 1e-2) and r["over_ggn_max"] == pytest.approx(d / 4.0)
+        assert r["above_h_min"] == (d > 0.05)
+        grid = results["methods"][key].get("dampings") or []
+        assert r["edge"] == (None if len(grid) < 2 else "low" if d == min(grid) else "high" if d == max(grid) else None)
+    assert any(r["edge"] for r in rel["methods"].values())  # the tiny study's sweep peaks at an end for some method
+    assert "Best damping against the spectrum" in format_lds(results)
     (tmp_path / "res").mkdir()
     (tmp_path / "res" / "lds.json").write_text(json.dumps(results, default=float))
     assert "## Linear datamodeling score" in results_markdown(tmp_path / "res")

@@ -191,6 +191,36 @@ def best_dampings(table: dict) -> dict:
     return best
 
 
+def damping_against_spectrum(results: dict) -> dict:
+    """The LDS-maximising damping of each method (:func:`best_dampings`, ``results["best"]``) against the curvature's
+    scale on the fit sentences: m = tr(EK-FAC)/P (the default damping's unit, lambda_0 = alpha m), lambda_max of the
+    GGN and lambda_min, lambda_max of H (Lanczos, ``results["spectrum"]``, present once a group needed it).
+
+    Returns:
+        {"mean_eigenvalue": m, "ggn_lambda_max", "h_lambda_min", "h_lambda_max" (None when unknown),
+        "methods": {key: {"damping", "lds", "over_mean": lambda / m, "over_ggn_max": lambda / lambda_max(GGN) or
+        None, "above_h_min": lambda > -lambda_min(H) (H + lambda I positive definite) or None, "edge": "low" /
+        "high" when the best is the smallest / largest damping of the method's grid (``results["methods"]``; the
+        maximum may lie beyond it), else None}}}.
+    Raises:
+        KeyError: ``results`` without ``default_damping``, ``whole_network_config.alpha`` or ``best``.
+    """
+    m = results["default_damping"] / results["whole_network_config"]["alpha"]
+    spectrum = results.get("spectrum") or {}
+    h, f = spectrum.get("H") or {}, spectrum.get("F") or {}
+    gmax, hmin = f.get("lambda_max"), h.get("lambda_min")
+    methods = {}
+    for key, b in results["best"].items():
+        d = b["damping"]
+        grid = [float(x) for x in (results.get("methods", {}).get(key, {}).get("dampings") or [])]
+        edge = None if len(grid) < 2 else ("low" if d <= min(grid) else "high" if d >= max(grid) else None)
+        methods[key] = {"damping": d, "lds": b["lds"], "over_mean": d / m,
+                        "over_ggn_max": d / gmax if gmax else None,
+                        "above_h_min": None if hmin is None else bool(d + hmin > 0), "edge": edge}
+    return {"mean_eigenvalue": m, "ggn_lambda_max": gmax, "h_lambda_min": hmin, "h_lambda_max": h.get("lambda_max"),
+            "methods": methods}
+
+
 def format_lds(results: dict) -> str:
     """Markdown of ``results/ptb_lds.json``: the design, the noise ceiling, the LDS of every method at its default
     and best damping (95 % bootstrap intervals over queries), on the solver queries, the solves, and the
@@ -233,6 +263,19 @@ def format_lds(results: dict) -> str:
                                   f"true residual <= {max(s['true_residual']):.1e}" for d, s in solves.items())
                       + (f"; not positive definite (skipped): {', '.join(f'{d:.2g}' for d in methods[key]['meta']['skipped_not_positive_definite'])}"
                          if methods[key]["meta"].get("skipped_not_positive_definite") else "") + "."]
+    if results.get("best") and "whole_network_config" in results:
+        rel = damping_against_spectrum(results)
+        known = lambda x, f: "unknown" if x is None else format(x, f)  # noqa: E731
+        lines += ["", f"Best damping against the spectrum (fit sentences): m = tr(EK-FAC)/P = {rel['mean_eigenvalue']:.3g}"
+                  f" (lambda_0 = {results['whole_network_config']['alpha']:g} m), lambda_max(GGN) = "
+                  f"{known(rel['ggn_lambda_max'], '.3g')}, lambda_min(H) = {known(rel['h_lambda_min'], '.3g')}.", "",
+                  "| method | best damping | lambda / m | lambda / lambda_max(GGN) | H + lambda I positive definite |",
+                  "|---|---|---|---|---|"]
+        for key, r in sorted(rel["methods"].items(), key=lambda kv: -kv[1]["lds"]):
+            pd = "unknown" if r["above_h_min"] is None else ("yes" if r["above_h_min"] else "no")
+            edge = {"low": " (smallest of the grid)", "high": " (largest of the grid)"}.get(r["edge"], "")
+            lines.append(f"| {label(key)} | {r['damping']:.2g}{edge} | {r['over_mean']:.3g} | "
+                         f"{known(r['over_ggn_max'], '.3g')} | {pd} |")
     cf = results.get("counterfactual")
     if cf:
         lines += ["", f"**Counterfactual removals** ({cf['finished']} of {cf['models']} models trained): change of the "

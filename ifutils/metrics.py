@@ -94,8 +94,18 @@ def linear_datamodeling_score(scores, masks, losses, seed: int = 0, resamples: i
     95 % interval over queries (scipy.stats.bootstrap).
 
     The noise ceiling (with S >= 2 seeds): for each seed s, the Spearman over m between seed s's losses and the mean of
-    the other seeds' losses, averaged over s and queries: how well a perfect predictor of one training run predicts
-    the others. A method's LDS (against the mean of all S seeds, which is less noisy) can exceed it.
+    the other seeds' losses, averaged over s and queries: how well one training run predicts the others (for S = 2,
+    the seed-to-seed agreement r). A method's LDS is measured against the mean of all S seeds, which is less noisy,
+    so it can exceed that number. ``ceiling_mean_target`` is the ceiling for that target: with the loss of seed s
+    = E[loss | S_m] + independent seed noise, an exact predictor of E[loss | S_m] correlates with the S-seed mean at
+    sqrt(R_S), R_S = S r / (1 + (S - 1) r) (the Spearman-Brown reliability of a mean of S runs, Spearman 1910 /
+    Brown 1910, with Spearman's 1904 correction for attenuation), r the mean Spearman over pairs of seeds; per
+    query with r clipped at 0, then averaged over queries (Pearson algebra applied to Spearman: approximate).
+
+    Intervals: ``ci`` resamples queries with the subsets fixed (scipy.stats.bootstrap); ``ci_two_way`` resamples
+    subsets and queries together (a crossed percentile bootstrap; the Spearman of each query is the Pearson
+    correlation of the ranks over all subsets, recomputed on the resampled rows), which also counts the finite
+    number of subsets and is the wider, more honest interval.
 
     Args:
         scores: (n_train, Q) influence of each training sentence on each query (nats/token per unit weight).
@@ -103,8 +113,11 @@ def linear_datamodeling_score(scores, masks, losses, seed: int = 0, resamples: i
         losses: (M, S, Q) query losses (nats/token) of the model trained on subset m with seed s; NaN for a model not
             trained yet (that subset is left out when any of its seeds is missing).
     Returns:
-        dict: ``lds`` (mean over queries), ``ci`` [low, high], ``per_query`` (Q,), ``ceiling`` (None for S = 1),
-        ``ceiling_ci``, ``subsets`` (M used), ``seeds``.
+        dict: ``lds`` (mean over queries), ``ci`` [low, high] (queries resampled), ``ci_two_way`` (subsets and
+        queries resampled), ``per_query`` (Q,), ``ceiling`` (None for S = 1), ``ceiling_ci``,
+        ``ceiling_ci_two_way`` (seed 0 against the others' mean), ``ceiling_mean_target`` and
+        ``ceiling_mean_target_ci`` (None for S = 1),
+        ``subsets`` (M used), ``seeds``.
     Raises:
         ValueError: inconsistent shapes, or fewer than 3 complete subsets.
     """
@@ -118,7 +131,7 @@ def linear_datamodeling_score(scores, masks, losses, seed: int = 0, resamples: i
     return datamodel_score(masks @ scores, losses, seed, resamples)
 
 
-def datamodel_score(predicted, losses, seed: int = 0, resamples: int = 1000) -> dict:
+def datamodel_score(predicted, losses, seed: int = 0, resamples: int = 1000, ceiling: bool = True) -> dict:
     """The linear datamodeling score of predictions already summed over each subset (Park et al. 2023, eq. 4).
 
     :func:`linear_datamodeling_score` with ``predicted = masks @ scores``; for predictions formed without the
@@ -128,6 +141,8 @@ def datamodel_score(predicted, losses, seed: int = 0, resamples: int = 1000) -> 
         predicted: (M, Q) predicted query loss change of subset m (any monotone scale per query).
         losses: (M, S, Q) measured query losses (nats/token); NaN for a model not trained yet (the subset is left
             out when any of its seeds is missing).
+        ceiling: False skips the ceiling entries (left None; they depend on ``losses`` only, so a caller scoring
+            many predictions against the same losses computes them once).
     Returns:
         the dict of :func:`linear_datamodeling_score`.
     Raises:
@@ -152,17 +167,65 @@ def datamodel_score(predicted, losses, seed: int = 0, resamples: int = 1000) -> 
         return (a * b).sum(0) / np.sqrt((a * a).sum(0) * (b * b).sum(0))
 
     values = per_query(predicted, actual)
+    nan2 = [float("nan"), float("nan")]
     ci = bootstrap_ci(lambda idx: float(values[idx].mean()), len(values), seed, resamples) if len(values) > 1 \
-        else (float("nan"), float("nan"))
-    out = {"lds": float(values.mean()), "ci": list(ci), "per_query": values.tolist(), "subsets": int(done.sum()),
-           "seeds": int(losses.shape[1]), "ceiling": None, "ceiling_ci": None}
+        else nan2
+    out = {"lds": float(values.mean()), "ci": list(ci),
+           "ci_two_way": two_way_bootstrap_ci(predicted, actual, seed, resamples),
+           "per_query": values.tolist(), "subsets": int(done.sum()), "seeds": int(losses.shape[1]),
+           "ceiling": None, "ceiling_ci": None, "ceiling_ci_two_way": None, "ceiling_mean_target": None,
+           "ceiling_mean_target_ci": None}
     s = losses.shape[1]
-    if s >= 2:
+    if s >= 2 and ceiling:
         ceil = np.mean([per_query(losses[:, k], np.delete(losses, k, axis=1).mean(1)) for k in range(s)], axis=0)
         out["ceiling"] = float(ceil.mean())
         out["ceiling_ci"] = list(bootstrap_ci(lambda idx: float(ceil[idx].mean()), len(ceil), seed, resamples)) \
-            if len(ceil) > 1 else [float("nan"), float("nan")]
+            if len(ceil) > 1 else nan2
+        out["ceiling_ci_two_way"] = two_way_bootstrap_ci(losses[:, 0], np.delete(losses, 0, axis=1).mean(1), seed,
+                                                         resamples)
+        pairs = [per_query(losses[:, a], losses[:, b]) for a in range(s) for b in range(a + 1, s)]
+        r = np.clip(np.mean(pairs, axis=0), 0.0, None)
+        target = np.sqrt(s * r / (1 + (s - 1) * r))
+        out["ceiling_mean_target"] = float(target.mean())
+        out["ceiling_mean_target_ci"] = list(bootstrap_ci(lambda idx: float(target[idx].mean()), len(target), seed,
+                                                          resamples)) if len(target) > 1 else nan2
     return out
+
+
+def two_way_bootstrap_ci(predicted, actual, seed: int = 0, resamples: int = 1000, level: float = 0.95) -> list:
+    """Percentile interval of the mean over queries of the per-query Spearman over subsets, resampling subsets (rows)
+    and queries (columns) together (a crossed bootstrap: both are finite samples).
+
+    The ranks are taken once over all subsets; each resample's per-query Spearman is the Pearson correlation of the
+    resampled rows' ranks (the bootstrap of Spearman's rho as the Pearson correlation of the rank-transformed data).
+
+    Args:
+        predicted, actual: (M, Q) float arrays (the prediction and the measured loss of subset m for query q).
+        seed: of ``numpy.random.default_rng``. resamples: B >= 1. level: in (0, 1).
+    Returns:
+        [low, high]; NaN when M < 3.
+    Raises:
+        ValueError: shapes differ or are not 2-D.
+    """
+    a, b = np.asarray(predicted, dtype=np.float64), np.asarray(actual, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"predicted {a.shape} and actual {b.shape} must be the same (M, Q) shape")
+    m, q = a.shape
+    if m < 3:
+        return [float("nan"), float("nan")]
+    ra, rb = stats.rankdata(a, axis=0), stats.rankdata(b, axis=0)
+    rng = np.random.default_rng(seed)
+    draws = np.empty(resamples)
+    for k in range(resamples):
+        rows, cols = rng.integers(m, size=m), rng.integers(q, size=q)
+        x, y = ra[np.ix_(rows, cols)], rb[np.ix_(rows, cols)]
+        x, y = x - x.mean(0), y - y.mean(0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rho = (x * y).sum(0) / np.sqrt((x * x).sum(0) * (y * y).sum(0))
+        draws[k] = np.nanmean(rho) if np.isfinite(rho).any() else np.nan
+    tail = (1 - level) / 2 * 100
+    low, high = np.nanpercentile(draws, [tail, 100 - tail])
+    return [float(low), float(high)]
 
 
 def detection_metrics(scores, is_corrupted, inspected=(0.05, 0.1, 0.2)) -> dict:

@@ -111,3 +111,37 @@ def test_multishift_cg_warns_when_short_of_tolerance_and_on_an_indefinite_base()
             multishift_cg(lambda v: indefinite @ v, b, [1e-3], max_iter=50)
     with pytest.raises(ValueError, match="distinct"):
         multishift_cg(lambda v: c @ v, b, [1e-2, 1e-2])
+
+
+def test_an_exact_predictor_reaches_the_ceiling_for_the_mean_of_the_seeds_not_the_seed_to_seed_agreement():
+    """losses = signal + seed noise (sd 0.8, S = 2): the exact predictor (the signal) scores LDS ~ sqrt(R_2) =
+    sqrt(2 r / (1 + r)) (closed form, about 0.86 here), above the seed-to-seed agreement r (about 0.59)."""
+    rng = np.random.default_rng(0)
+    m, q = 400, 40
+    signal = rng.normal(size=(m, q))
+    losses = signal[:, None, :] + 0.8 * rng.normal(size=(m, 2, q))
+    out = datamodel_score(signal, losses, resamples=200)
+    rho = 1 / np.sqrt(1 + 0.32)  # Pearson of the signal with the two-seed mean (noise variance 0.64 / 2)
+    assert out["lds"] == pytest.approx(6 / np.pi * np.arcsin(rho / 2), abs=0.02)  # Spearman of a Gaussian pair
+    assert out["ceiling_mean_target"] == pytest.approx(out["lds"], abs=0.02)
+    assert out["ceiling"] < out["lds"] - 0.2
+    assert out["ci_two_way"][0] < out["lds"] < out["ci_two_way"][1]
+
+
+def test_the_two_way_bootstrap_on_one_query_is_scipys_paired_bootstrap_of_the_rank_correlation():
+    """One query: resampling queries does nothing, so the interval is scipy.stats.bootstrap's paired percentile
+    interval of the Pearson correlation of the ranks (Monte Carlo error only)."""
+    from scipy import stats
+
+    from ifutils.metrics import two_way_bootstrap_ci
+
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(80, 1))
+    b = a + rng.normal(size=(80, 1))
+    ours = two_way_bootstrap_ci(a, b, seed=0, resamples=4000)
+    ra, rb = stats.rankdata(a[:, 0]), stats.rankdata(b[:, 0])
+    ref = stats.bootstrap((ra, rb), lambda x, y: np.corrcoef(x, y)[0, 1], paired=True, vectorized=False,
+                          n_resamples=4000, method="percentile", random_state=np.random.default_rng(5))
+    assert ours == pytest.approx([ref.confidence_interval.low, ref.confidence_interval.high], abs=0.02)
+    with pytest.raises(ValueError, match="same"):
+        two_way_bootstrap_ci(a, b[:-1])

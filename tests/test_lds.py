@@ -206,7 +206,7 @@ def _check_every_method(model, corpus, masks, losses, queries, tmp_path):
                "methods_config": {"n_solver_queries": 2}, "lds": table, "counterfactual": None,
                "methods": {k: {"meta": v["meta"], "dampings": v["dampings"]} for k, v in preds.items()}}
     text = format_lds(results)
-    assert "Noise ceiling" in text and "| EK-FAC |" in text and "multi-shift CG on 3 query columns" in text
+    assert "Seed-to-seed agreement" in text and "the mean of S = 2 seeds" in text and "| EK-FAC |" in text and "multi-shift CG on 3 query columns" in text
     # the best damping against the spectrum: ratios by hand from a stated spectrum
     from ifutils.experiments.lds import best_dampings, damping_against_spectrum
 

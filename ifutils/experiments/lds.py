@@ -142,6 +142,9 @@ def measured_losses(records: dict, units: list[Unit], seeds, queries: list[int],
     return masks, losses, subsets
 
 
+CEILING_FIELDS = ("ceiling", "ceiling_ci", "ceiling_ci_two_way", "ceiling_mean_target", "ceiling_mean_target_ci")
+
+
 def lds_table(predictions: dict, losses: np.ndarray, n_solver: int, seed: int = 0) -> dict:
     """The LDS of every method and damping (Park et al. 2023, eq. 4; :func:`ifutils.metrics.datamodel_score`).
 
@@ -154,7 +157,10 @@ def lds_table(predictions: dict, losses: np.ndarray, n_solver: int, seed: int = 
             CG and LiSSA).
     Returns:
         {"<key>@<damping>" (or "<key>" for a damping-free method): {"key", "damping", "default" (True at the
-        method's default damping, ``entry["default_damping"]``), "lds", "ci", "ceiling", "ceiling_ci", "subsets", "seeds", "queries", "per_query",
+        method's default damping, ``entry["default_damping"]``), "lds", "ci" (queries resampled), "ci_two_way"
+        (subsets and queries resampled), the ceiling entries of :func:`ifutils.metrics.datamodel_score` ("ceiling"
+        = seed-to-seed, "ceiling_mean_target" = the ceiling for the S-seed mean, with their intervals), "subsets",
+        "seeds", "queries", "per_query",
         "validation" (Spearman over subsets of the mean-validation-loss query), "solver_queries" (the LDS on the
         first n_solver queries, with its CI and ceiling)}}.
     """
@@ -163,22 +169,31 @@ def lds_table(predictions: dict, losses: np.ndarray, n_solver: int, seed: int = 
     from ..metrics import datamodel_score
 
     done = ~np.isnan(losses).any(axis=(1, 2))
-    out = {}
+    out, ceilings = {}, {}
+
+    def scored(pred, target):  # the ceiling entries depend on the losses only: computed once per query set
+        width = target.shape[2]
+        result = datamodel_score(pred, target, seed, ceiling=width not in ceilings)
+        if width not in ceilings:
+            ceilings[width] = {f: result[f] for f in CEILING_FIELDS}
+        return {**result, **ceilings[width]}
+
     for key, entry in predictions.items():
         for k, d in enumerate(entry["dampings"]):
             pred = entry["pred"][k]
             width = pred.shape[1]
-            main = datamodel_score(pred[:, 1:], losses[:, :, 1:width], seed)
-            small = datamodel_score(pred[:, 1 : 1 + n_solver], losses[:, :, 1 : 1 + n_solver], seed)
+            main = scored(pred[:, 1:], losses[:, :, 1:width])
+            small = scored(pred[:, 1 : 1 + n_solver], losses[:, :, 1 : 1 + n_solver])
             valid = float(stats.spearmanr(pred[done, 0], losses[done, :, 0].mean(1))[0])
             name = key if d is None else f"{key}@{d:.3g}"
             default = entry.get("default_damping")
             out[name] = {"key": key, "damping": d, "default": d is not None and default is not None
                          and math.isclose(d, default, rel_tol=1e-9),
-                         "queries": width - 1, **{f: main[f] for f in ("lds", "ci", "ceiling", "ceiling_ci", "subsets",
-                                                                        "seeds", "per_query")},
+                         "queries": width - 1, **{f: main[f] for f in ("lds", "ci", "ci_two_way", *CEILING_FIELDS,
+                                                                        "subsets", "seeds", "per_query")},
                          "validation": valid,
-                         "solver_queries": {f: small[f] for f in ("lds", "ci", "ceiling", "subsets")}}
+                         "solver_queries": {f: small[f] for f in ("lds", "ci", "ci_two_way", "ceiling",
+                                                                  "ceiling_mean_target", "subsets")}}
     return out
 
 
@@ -187,8 +202,35 @@ def best_dampings(table: dict) -> dict:
     best = {}
     for name, r in table.items():
         if r["damping"] is not None and (r["key"] not in best or r["lds"] > best[r["key"]]["lds"]):
-            best[r["key"]] = {"name": name, **{f: r[f] for f in ("damping", "lds", "ci", "ceiling")}}
+            best[r["key"]] = {"name": name, **{f: r.get(f) for f in ("damping", "lds", "ci", "ci_two_way", "ceiling",
+                                                                     "ceiling_mean_target")}}
     return best
+
+
+def held_out_dampings(table: dict) -> dict:
+    """The damping chosen without looking at the queries it is scored on: the queries split into two halves (even
+    and odd positions), the damping of highest mean per-query LDS on one half scored on the other, both ways.
+
+    Returns:
+        {key: {"lds": mean of the two held-out halves' LDS, "chosen": [damping chosen on the even half, on the odd
+        half]}} for every method with two or more dampings (a method's best damping over all queries,
+        :func:`best_dampings`, is optimistic by the choice).
+    """
+    out = {}
+    keys = dict.fromkeys(r["key"] for r in table.values() if r["damping"] is not None)
+    for key in keys:
+        entries = [r for r in table.values() if r["key"] == key and r["damping"] is not None]
+        if len(entries) < 2:
+            continue
+        values = np.array([r["per_query"] for r in entries])  # (D, Q)
+        halves = [np.arange(0, values.shape[1], 2), np.arange(1, values.shape[1], 2)]
+        scores, chosen = [], []
+        for pick, score in ((halves[0], halves[1]), (halves[1], halves[0])):
+            k = int(np.argmax(values[:, pick].mean(1)))
+            scores.append(float(values[k, score].mean()))
+            chosen.append(entries[k]["damping"])
+        out[key] = {"lds": float(np.mean(scores)), "chosen": chosen}
+    return out
 
 
 def damping_against_spectrum(results: dict) -> dict:
@@ -238,21 +280,38 @@ def format_lds(results: dict) -> str:
     if not table:
         return "\n".join(lines + ["", "Fewer than 3 complete subsets: no LDS yet."])
     first = next(iter(table.values()))
-    lines += ["", f"Noise ceiling (one seed's losses predicting the other's): **{first['ceiling']:.3f}** "
-              f"[{first['ceiling_ci'][0]:.3f}, {first['ceiling_ci'][1]:.3f}].", "",
-              "| method | LDS at default damping [95% CI] | LDS at best damping [95% CI] (lambda) | LDS on the first "
-              f"{results['methods_config']['n_solver_queries']} queries (best damping) | validation-loss query "
-              "Spearman (best) |", "|---|---|---|---|---|"]
+    interval = lambda ci: f"[{ci[0]:.3f}, {ci[1]:.3f}]"  # noqa: E731
+    two_way = lambda r, f="ci_two_way": f" ({r[f][0]:.2f}, {r[f][1]:.2f})" if r.get(f) else ""  # noqa: E731
+    lines += ["", f"Seed-to-seed agreement (one seed's losses predicting the other's, the LDS of a retrained model): "
+              f"r = **{first['ceiling']:.3f}** {interval(first['ceiling_ci'])}"
+              f"{two_way(first, 'ceiling_ci_two_way')}."]
+    if first.get("ceiling_mean_target") is not None:
+        lines[-1] += (f" The ceiling of the LDS against the mean of S = {results['S']} seeds (what every method is "
+                      f"scored on): an exact predictor of the expected loss reaches sqrt(S r / (1 + (S - 1) r)) per "
+                      f"query (Spearman-Brown with the correction for attenuation), **"
+                      f"{first['ceiling_mean_target']:.3f}** {interval(first['ceiling_mean_target_ci'])}.")
+    lines += ["", "Intervals: [95 % bootstrap over queries] and, where given, (over subsets and queries together). "
+              "The best damping is chosen on the same queries it is scored on (optimistic); the held-out column "
+              "chooses it on half of the queries and scores it on the other half. (indefinite): C + lambda I has "
+              "a negative eigenvalue at that damping.", "",
+              "| method | LDS at default damping | LDS at best damping (lambda) | LDS, damping chosen on held-out "
+              f"queries | LDS on the first {results['methods_config']['n_solver_queries']} queries (best damping) | "
+              "validation-loss query Spearman (best) |", "|---|---|---|---|---|---|"]
     keys = list(dict.fromkeys(r["key"] for r in table.values()))
-    fmt = lambda r: f"{r['lds']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]"  # noqa: E731
+    fmt = lambda r: f"{r['lds']:.3f} {interval(r['ci'])}{two_way(r)}"  # noqa: E731
+    held = held_out_dampings(table)
     rows = []
     for key in keys:
         entries = [r for r in table.values() if r["key"] == key]
         default = next((r for r in entries if r["damping"] is None or r["default"]), None)
         best = max(entries, key=lambda r: r["lds"])
+        definite = results.get("methods", {}).get(key, {}).get("meta", {}).get("positive_definite") or {}
+        mark = lambda r: " (indefinite)" if r["damping"] is not None and definite.get(  # noqa: E731
+            repr(float(r["damping"]))) is False else ""
         where = "" if best["damping"] is None else f" ({best['damping']:.2g})"
-        rows.append((best["lds"], f"| {label(key)} | {fmt(default) if default else '- (not positive definite)'} | "
-                     f"{fmt(best)}{where} | {best['solver_queries']['lds']:.3f} | {best['validation']:.3f} |"))
+        h = f"{held[key]['lds']:.3f}" if key in held else "-"
+        shown = f"{fmt(default)}{mark(default)}" if default else "- (not positive definite)"
+        rows.append((best["lds"], f"| {label(key)} | {shown} | {fmt(best)}{where}{mark(best)} | {h} | {best['solver_queries']['lds']:.3f} | {best['validation']:.3f} |"))
     lines += [r for _, r in sorted(rows, key=lambda x: -x[0])]
     methods = results.get("methods", {})
     for key in ("ggn", "hessian_cg"):

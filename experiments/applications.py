@@ -33,6 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, RetrainSpec, exclude=("epochs",))
     add_arguments(parser, app.ApplicationsConfig)
+    add_arguments(parser, DetectionConfig, prefix="rank-", exclude=("fraction", "kinds", "seeds", "inspected"))
     parser.add_argument("--stage", choices=("rank", "train", "score", "status"), required=True)
     parser.add_argument("--shard", default="0/1", help="i/k: train models j with j mod k == i")
     parser.add_argument("--lds-root", default="checkpoints/lds", help="the LDS study's models")
@@ -58,7 +59,8 @@ def main() -> None:
     from ifutils.experiments.whole_network import WholeNetworkConfig
 
     wconfig = WholeNetworkConfig()
-    ranked = rankings(full, small, spec, DetectionConfig(), wconfig, project_path("cache"),
+    rank_config = from_args(DetectionConfig, args, prefix="rank-")  # the rankings' settings (--rank-*)
+    ranked = rankings(full, small, spec, rank_config, wconfig, project_path("cache"),
                       compute=args.stage != "status")
     if ranked is None:  # status only: the units depend on the rankings, which --stage rank computes
         trained = sum(1 for _ in root.glob(f"*/{RECORD_FILE}")) if root.is_dir() else 0
@@ -91,7 +93,7 @@ def main() -> None:
         if busy:
             print(f"{len(busy)} models were being trained by another process and were left to it")
         return
-    score(corpus, small, spec, config, wconfig, root, full, choice, units, task2, args)
+    score(corpus, small, spec, config, wconfig, root, full, choice, units, task2, args, rank_config)
 
 
 def plan(corpus, small, spec, config, harm):
@@ -116,13 +118,15 @@ def plan(corpus, small, spec, config, harm):
     return out, task2
 
 
-def score(corpus, small, spec, config, wconfig, root, full, choice, units, task2, args) -> None:
+def score(corpus, small, spec, config, wconfig, root, full, choice, units, task2, args, rank_config) -> None:
     from ifutils.experiments.runs import derive_name
     from ifutils.retrain import MODEL_FILE, sentence_losses
 
     drop = lambda d: {k: v for k, v in d.items() if k != "threads"}  # noqa: E731
-    name = derive_name("ptb_applications", {**drop(asdict(spec)), **asdict(config)},
-                       {**drop(asdict(RetrainSpec(epochs=spec.epochs))), **asdict(app.ApplicationsConfig())})
+    ranks = lambda c: {f"rank_{k}": v for k, v in asdict(c).items()}  # noqa: E731
+    name = derive_name("ptb_applications", {**drop(asdict(spec)), **asdict(config), **ranks(rank_config)},
+                       {**drop(asdict(RetrainSpec(epochs=spec.epochs))), **asdict(app.ApplicationsConfig()),
+                        **ranks(DetectionConfig())})
     out_path = project_path(args.results or f"results/{name}.json")
     records = load_records(root, [u for u, *_ in units])
     eos = corpus.vocab.stoi["<eos>"]
@@ -142,7 +146,8 @@ def score(corpus, small, spec, config, wconfig, root, full, choice, units, task2
         if f"unlearn_retrain_s{s}" in records:
             retrained[s], _, _ = load_checkpoint(root / f"unlearn_retrain_s{s}" / MODEL_FILE)
     unlearn = app.unlearning_table(full, small, forget, spec.n_train, steps, retrained, original_seed=0)
-    out = {"spec": asdict(spec), "config": asdict(config), "whole_network_config": asdict(wconfig),
+    out = {"spec": asdict(spec), "config": asdict(config), "rank_config": asdict(rank_config),
+           "whole_network_config": asdict(wconfig),
            "trained_models": len(records), "models": len(units), "full_data_model": {"checkpoint": choice["checkpoint"],
                                                                                        "perplexity": before},
            "trimming": trim, "selection": select, "buffer": buffer, "task2": task2.name,

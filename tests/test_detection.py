@@ -110,7 +110,7 @@ def _notebook_smoke(detection, corpus, tmp_path):
     figures = sorted(p.name for p in (tmp_path / "figures").iterdir())
     assert figures == [f"toy_{n}.png" for n in ("buffer", "detection_auroc", "selection", "trimming", "unlearning")]
     shown = json.dumps(json.loads((tmp_path / "applications.ipynb").read_text())["cells"])
-    assert "best self-influence (AUROC)" in shown and "retrained (1 seeds)" in shown
+    assert "influence - OGA per seed" in shown and "OGA as good or better?" in shown and "retrained (1 seeds)" in shown
     # docs/results.md renders both files
     from ifutils.experiments.report import results_markdown
 
@@ -119,5 +119,31 @@ def _notebook_smoke(detection, corpus, tmp_path):
                                                             "config": {"fraction": 0.1}}, default=float))
     (tmp_path / "res" / "app.json").write_text(json.dumps({**results, "trained_models": 20, "models": 30}, default=float))
     text = results_markdown(tmp_path / "res")
-    assert "## Corrupted-sentence detection" in text and "## Trimming, selection, replay buffer, unlearning" in text
+    assert "## Corrupted-sentence detection" in text and "The Outlier Gradient Analysis claim" in text and "## Trimming, selection, replay buffer, unlearning" in text
     assert "Other results files" not in text
+
+
+def test_the_oga_verdict_from_a_constructed_table():
+    """Per kind: the best influence and OGA rankings by mean, and a verdict from the paired per-seed differences."""
+    from ifutils.experiments.detection import format_oga_comparison, oga_comparison
+
+    def entry(values):
+        return {"auroc": {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values},
+                "average_precision": {"mean": 0.0, "std": 0.0, "values": [0.0, 0.0]}, "recall_at": {}}
+
+    def kind(self_ekfac, valid_ekfac, l2, forest):
+        return {"seeds": 2, "rankings": {"self:ekfac": entry(self_ekfac), "self:identity": entry([0.1, 0.1]),
+                                         "valid:ekfac": entry(valid_ekfac), "grad_l2": entry(l2),
+                                         "grad_l1": entry([0.0, 0.0]), "isolation_forest": entry(forest),
+                                         "train_loss": entry([0.99, 0.99])}}
+
+    table = {"a": kind([0.9, 0.8], [0.5, 0.5], [0.7, 0.6], [0.2, 0.2]),   # influence better in both seeds
+             "b": kind([0.6, 0.6], [0.75, 0.55], [0.9, 0.9], [0.8, 0.8]),   # OGA better in both
+             "c": kind([0.6, 0.8], [0.1, 0.1], [0.7, 0.7], [0.1, 0.1])}   # the seeds disagree
+    out = oga_comparison(table)
+    assert out["a"]["influence"][0] == "self:ekfac" and out["a"]["oga"][0] == "grad_l2"
+    assert out["a"]["differences"] == pytest.approx([0.2, 0.2]) and out["a"]["verdict"] == "did not hold"
+    assert out["b"]["influence"] == ("valid:ekfac", pytest.approx(0.65)) and out["b"]["verdict"] == "held"
+    assert out["c"]["differences"] == pytest.approx([-0.1, 0.1]) and out["c"]["verdict"] == "mixed"
+    text = format_oga_comparison(table)
+    assert len(text.splitlines()) == 2 + 3 and "did not hold" in text and "| b |" in text

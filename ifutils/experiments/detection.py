@@ -271,3 +271,59 @@ def format_detection(table: dict, metric: str = "auroc") -> str:
     for name in names:
         lines.append(f"| {shown(name)} | " + " | ".join(value(table[k]["rankings"][name]) for k in kinds) + " |")
     return "\n".join(lines)
+
+
+OGA = ("grad_l2", "grad_l1", "isolation_forest")
+"""The Outlier Gradient Analysis rankings (Chhabra et al. 2024): Hessian-free."""
+
+
+def oga_comparison(table: dict, metric: str = "auroc") -> dict:
+    """The claim of Outlier Gradient Analysis (Chhabra et al. 2024, arXiv 2405.03869: Hessian-free gradient outliers
+    detect detrimental samples as well as influence functions, or better), tested per corruption kind.
+
+    For each kind of :func:`detection_table`'s ``table``: the best self-influence ranking, the best
+    validation-influence ranking and the best OGA ranking (:data:`OGA`), each chosen by its mean ``metric`` over
+    seeds (the same optimistic choice for both sides), and the per-seed differences d_s = metric(best influence
+    ranking, either kind) - metric(best OGA ranking), paired by seed (the same corrupted model).
+
+    Args:
+        table: {kind: {"seeds", "rankings": {name: {metric: {"mean", "std", "values"}}}}}.
+        metric: ``"auroc"``, ``"average_precision"`` or ``"recall@<f>"``.
+    Returns:
+        {kind: {"self", "valid", "oga": (name, mean), "influence": the better of self / valid, "differences": [d_s],
+        "verdict": "held" (OGA at least as good in every seed: max d_s <= 0), "did not hold" (influence better in
+        every seed: min d_s > 0) or "mixed" (the seeds disagree)}}.
+    Raises:
+        KeyError: a kind without the OGA rankings or without any influence ranking; an unknown metric.
+    """
+    def values(entry):
+        if metric.startswith("recall@"):
+            return entry["recall_at"][repr(float(metric.split("@")[1]))]
+        return entry[metric]
+
+    out = {}
+    for kind, t in table.items():
+        r = t["rankings"]
+        best = lambda names: max(names, key=lambda n: values(r[n])["mean"])  # noqa: E731
+        picks = {"self": best([n for n in r if n.startswith("self:")]),
+                 "valid": best([n for n in r if n.startswith("valid:")]), "oga": best(list(OGA))}
+        influence = max((picks["self"], picks["valid"]), key=lambda n: values(r[n])["mean"])
+        d = [a - b for a, b in zip(values(r[influence])["values"], values(r[picks["oga"]])["values"])]
+        verdict = "held" if max(d) <= 0 else "did not hold" if min(d) > 0 else "mixed"
+        out[kind] = {**{k: (n, values(r[n])["mean"]) for k, n in picks.items()},
+                     "influence": (influence, values(r[influence])["mean"]), "differences": d, "verdict": verdict}
+    return out
+
+
+def format_oga_comparison(table: dict, metric: str = "auroc") -> str:
+    """Markdown of :func:`oga_comparison`: one row per corruption kind."""
+    from ..curvature.labels import label
+
+    shown = lambda name: f"{label(name.split(':')[1])}" if ":" in name else name  # noqa: E731
+    rows = ["| corruption | best self-influence | best influence on validation loss | best OGA | influence - OGA "
+            "per seed | OGA as good or better? |", "|---|---|---|---|---|---|"]
+    for kind, c in oga_comparison(table, metric).items():
+        cell = lambda key: f"{shown(c[key][0])} {c[key][1]:.3f}"  # noqa: E731
+        rows.append(f"| {kind} | {cell('self')} | {cell('valid')} | {cell('oga')} | "
+                    f"{', '.join(f'{d:+.3f}' for d in c['differences'])} | {c['verdict']} |")
+    return "\n".join(rows)

@@ -431,12 +431,16 @@ def results_markdown(results_dir: str | os.PathLike, tracked_only: bool = False)
     detection = [n for n, d in files.items() if isinstance(d, dict) and "table" in d and "models" in d
                  and "fraction" in d.get("config", {})]
     if detection:
-        from .detection import format_detection
+        from .detection import format_detection, format_oga_comparison
 
         parts.append("## Corrupted-sentence detection\n\n" + "\n\n".join(
             f"From `{n}` (`experiments/detection.py`); mean +- std over seeds.\n\n" + "\n\n".join(
                 f"**{m}**\n\n{format_detection(files[n]['table'], m)}" for m in ("auroc", "average_precision",
-                                                                                 "recall@0.1")) for n in detection))
+                                                                                 "recall@0.1"))
+            + "\n\n**The Outlier Gradient Analysis claim** (Hessian-free gradient outliers detect as well as "
+              "influence, or better; Chhabra et al. 2024): per kind the best ranking of each family by mean AUROC, "
+              "the paired per-seed differences, and whether the claim held in every seed.\n\n"
+            + format_oga_comparison(files[n]["table"]) for n in detection))
     apps = [n for n, d in files.items() if isinstance(d, dict) and "trimming" in d and "unlearning" in d]
     if apps:
         from . import applications as app

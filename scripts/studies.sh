@@ -8,7 +8,8 @@
 #   a: LDS subset models -> removal models -> corrupted models -> application models (once the rankings exist)
 #   b: LDS subset models -> LDS score -> detection score -> application rankings -> removal models -> application
 #      models
-# then the application score and the final LDS and detection scores (every cached group is read back).
+# then the application score and the final LDS and detection scores (every cached group is read back). A stage that
+# fails is logged (logs/studies_failed.txt) and its worker goes on; the script then exits 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=.venv/bin/python
@@ -16,29 +17,37 @@ mkdir -p logs
 $py experiments/lds.py --stage choose
 $py experiments/lds.py --stage sets
 
-worker_a() {
-  $py experiments/lds.py --stage train
-  $py experiments/lds.py --stage removals
-  $py experiments/detection.py --stage train
-  until ! $py experiments/applications.py --stage status | grep -q "not computed yet"; do sleep 60; done
-  $py experiments/applications.py --stage train
+failed=logs/studies_failed.txt
+rm -f "$failed"
+run() {  # one stage; a failure is logged and the worker goes on (every stage is resumable on its own)
+  "$@" || { echo "[studies] $(date -u +%FT%TZ) FAILED (exit $?): $*" | tee -a "$failed"; }
 }
 
 worker_b() {
-  $py experiments/lds.py --stage train
-  $py experiments/lds.py --stage score
-  $py experiments/detection.py --stage train
-  $py experiments/detection.py --stage score
-  $py experiments/applications.py --stage rank
-  $py experiments/lds.py --stage removals
-  $py experiments/applications.py --stage train
+  run $py experiments/lds.py --stage train
+  run $py experiments/lds.py --stage score
+  run $py experiments/detection.py --stage train
+  run $py experiments/detection.py --stage score
+  run $py experiments/applications.py --stage rank
+  run $py experiments/lds.py --stage removals
+  run $py experiments/applications.py --stage train
+}
+
+worker_a() {  # $1: worker b's pid (the application models wait for its rankings, or for it to end)
+  run $py experiments/lds.py --stage train
+  run $py experiments/lds.py --stage removals
+  run $py experiments/detection.py --stage train
+  while kill -0 "$1" 2>/dev/null && $py experiments/applications.py --stage status | grep -q "not computed yet"; do
+    sleep 60
+  done
+  run $py experiments/applications.py --stage train
 }
 
 echo "worker a: tail -f logs/studies_a.txt; worker b: tail -f logs/studies_b.txt"
-worker_a > logs/studies_a.txt 2>&1 &
-a=$!
 worker_b > logs/studies_b.txt 2>&1 &
 b=$!
+worker_a "$b" > logs/studies_a.txt 2>&1 &
+a=$!
 summary() {
   for stage in lds detection applications; do
     $py "experiments/$stage.py" --stage status 2>/dev/null | tail -n 2 | tr '\n' ' '
@@ -51,9 +60,9 @@ while kill -0 "$a" 2>/dev/null || kill -0 "$b" 2>/dev/null; do  # a one-line sum
   tick=$((tick + 1))
   if [ $((tick % 20)) -eq 0 ]; then date; summary; fi
 done
-wait "$a"
-wait "$b"
-$py experiments/applications.py --stage score
-$py experiments/detection.py --stage score
-$py experiments/lds.py --stage score
+wait "$a" "$b"
+run $py experiments/applications.py --stage score
+run $py experiments/detection.py --stage score
+run $py experiments/lds.py --stage score
 summary
+if [ -s "$failed" ]; then echo "some stages failed (rerun to retry them):"; cat "$failed"; exit 1; fi

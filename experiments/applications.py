@@ -66,7 +66,7 @@ def main() -> None:
         trained = sum(1 for _ in root.glob(f"*/{RECORD_FILE}")) if root.is_dir() else 0
         print(f"the full-data model's rankings are not computed yet (run --stage rank); {trained} application "
               f"models trained under {root}")
-        return
+        sys.exit(3)  # scripts/studies.sh waits on this code
     harm, dampings = ranked
     if args.stage == "rank":
         print(f"rankings of {choice['checkpoint']} (damping {dampings['damping']:.3g}): {', '.join(harm)}")
@@ -79,19 +79,16 @@ def main() -> None:
     if args.stage == "train":
         import torch
 
-        from ifutils.progress import progress
+        from ifutils.retrain import train_each
 
         i, k = (int(x) for x in args.shard.split("/"))
         torch.set_num_threads(spec.threads)
         mine = [u for j, u in enumerate(units) if j % k == i]
         todo = [u for u in mine if not (root / u[0].name / RECORD_FILE).is_file()]
         print(f"{len(mine)} models in shard {i}/{k}: {len(mine) - len(todo)} trained, {len(todo)} to train")
-        busy = []
-        for unit, data, unit_spec, init, splits in progress(todo, desc=f"applications (shard {i}/{k})", unit="model"):
-            if train_unit(data, unit_spec, unit, root, device, splits=splits, init=full if init else None) is None:
-                busy.append(unit.name)  # another process is training it (its lock is held)
-        if busy:
-            print(f"{len(busy)} models were being trained by another process and were left to it")
+        train_each([(unit.name, lambda unit=unit, data=data, unit_spec=unit_spec, init=init, splits=splits:
+                     train_unit(data, unit_spec, unit, root, device, splits=splits, init=full if init else None))
+                    for unit, data, unit_spec, init, splits in todo], f"applications (shard {i}/{k})")
         return
     score(corpus, small, spec, config, wconfig, root, full, choice, units, task2, args, rank_config)
 

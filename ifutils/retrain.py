@@ -52,7 +52,7 @@ from .progress import log, progress
 from .train import TrainConfig, train_language_model
 
 __all__ = ["RECORD_FILE", "MODEL_FILE", "LOCK_FILE", "RetrainSpec", "Unit", "random_subsets", "select_train", "sentence_losses",
-           "train_unit", "run_units", "load_records"]
+           "train_unit", "train_each", "run_units", "load_records"]
 
 RECORD_FILE, MODEL_FILE = "record.json", "model.pt"
 
@@ -190,7 +190,38 @@ def _try_lock(directory: Path):
     except BlockingIOError:
         handle.close()
         return None
+    except BaseException:  # no lock support here (some network file systems): close, then fail loudly
+        handle.close()
+        raise
     return handle
+
+
+def train_each(jobs, desc: str) -> tuple[list[str], list[str]]:
+    """Run ``jobs`` [(name, fn)], fn() -> record or None (another process trains it), with a progress bar; a job
+    that raises is logged and the others still run (a seeded unit that fails would otherwise fail first on every
+    rerun and block every unit after it).
+
+    Returns:
+        (names whose fn returned None: left to another process, names that finished here or before).
+    Raises:
+        RuntimeError: after every job ran, naming the ones that raised and their errors.
+    """
+    busy, done, failed = [], [], []
+    for name, fn in progress(list(jobs), desc=desc, unit="model"):
+        try:
+            record = fn()
+        except Exception as error:  # noqa: BLE001 - reported below, after the other units
+            log(f"unit {name} failed: {error!r}")
+            failed.append(f"{name}: {error!r}")
+            continue
+        (busy if record is None else done).append(name)
+    if busy:
+        log(f"{len(busy)} units were being trained by another process and were left to it: {', '.join(busy[:5])}"
+            f"{' ...' if len(busy) > 5 else ''}")
+    if failed:
+        raise RuntimeError(f"{len(failed)} units failed (the others ran): " + "; ".join(failed[:5])
+                           + (" ..." if len(failed) > 5 else ""))
+    return busy, done
 
 
 def train_unit(corpus: Corpus, spec: RetrainSpec, unit: Unit, root: str | os.PathLike,
@@ -268,6 +299,7 @@ def run_units(corpus: Corpus, spec: RetrainSpec, units: Sequence[Unit], root: st
         the names of this shard's units that are finished when it returns.
     Raises:
         ValueError: a bad shard or repeated unit names.
+        RuntimeError: some units raised (:func:`train_each`; the others were trained first).
     """
     i, k = shard
     if not (isinstance(i, int) and isinstance(k, int) and 0 <= i < k):
@@ -279,13 +311,8 @@ def run_units(corpus: Corpus, spec: RetrainSpec, units: Sequence[Unit], root: st
     mine = [u for j, u in enumerate(units) if j % k == i]
     todo = [u for u in mine if not _record_path(Path(root), u).is_file()]
     log(f"{len(mine)} units in shard {i}/{k}: {len(mine) - len(todo)} finished, {len(todo)} to train")
-    busy = []
-    for unit in progress(todo, desc=f"retraining (shard {i}/{k})", unit="model"):
-        if train_unit(corpus, spec, unit, root, device) is None:
-            busy.append(unit.name)
-    if busy:
-        log(f"{len(busy)} units were being trained by another process and were left to it: {', '.join(busy[:5])}"
-            f"{' ...' if len(busy) > 5 else ''}")
+    train_each([(u.name, lambda u=u: train_unit(corpus, spec, u, root, device)) for u in todo],
+               f"retraining (shard {i}/{k})")
     return [u.name for u in mine if _record_path(Path(root), u).is_file()]
 
 

@@ -135,3 +135,28 @@ time.sleep(600)
     assert run_units(toy_corpus(), SPEC, [a, b], tmp_path) == ["a", "b"]
     assert train_unit(toy_corpus(), SPEC, a, tmp_path)["valid_losses"] == train_unit(
         toy_corpus(), SPEC, a, tmp_path / "again")["valid_losses"]
+
+
+def test_a_unit_that_raises_does_not_stop_the_others_and_is_reported_at_the_end(tmp_path):
+    from ifutils.retrain import train_each
+
+    ran = []
+
+    def job(name, fail=False, busy=False):
+        ran.append(name)
+        if fail:
+            raise FloatingPointError("loss is NaN")
+        return None if busy else {"name": name}
+
+    with pytest.raises(RuntimeError, match=r"1 units failed.*b: FloatingPointError"):
+        train_each([("a", lambda: job("a")), ("b", lambda: job("b", fail=True)), ("c", lambda: job("c", busy=True)),
+                    ("d", lambda: job("d"))], "test")
+    assert ran == ["a", "b", "c", "d"]
+    assert train_each([("a", lambda: job("a")), ("c", lambda: job("c", busy=True))], "test") == (["c"], ["a"])
+    # run_units: a unit whose checkpoint was written for another configuration fails; the next one is still trained
+    bad, good = Unit("bad", tuple(range(0, 50, 2)), 0), Unit("good", tuple(range(1, 50, 2)), 0)
+    (tmp_path / "bad").mkdir()
+    torch.save({"not": "a checkpoint"}, tmp_path / "bad" / "model.pt")
+    with pytest.raises(RuntimeError, match="1 units failed"):
+        run_units(toy_corpus(), SPEC, [bad, good], tmp_path)
+    assert (tmp_path / "good" / "record.json").is_file() and not (tmp_path / "bad" / "record.json").exists()

@@ -86,17 +86,18 @@ def train_models(corpus: Corpus, spec: RetrainSpec, config: DetectionConfig, roo
                  device="cpu") -> list[str]:
     """Train (or resume, or skip) every model of this shard (unit j belongs to shard j mod k); returns the names of
     the shard's models finished here or before (a model another process is training is left to it)."""
-    from ..progress import progress
+    from ..retrain import train_each
 
     torch.set_num_threads(spec.threads)
     i, k = shard
     mine = [u for j, u in enumerate(detection_units(config)) if j % k == i]
-    done = []
-    for kind, seed in progress(mine, desc=f"corrupted models (shard {i}/{k})", unit="model"):
+
+    def job(kind, seed):
         data, _ = corrupted_corpus(corpus, spec, config, kind, seed)
-        if train_unit(data, spec, Unit(unit_name(kind, seed), tuple(range(spec.n_train)), seed), root,
-                      device) is not None:
-            done.append(unit_name(kind, seed))
+        return train_unit(data, spec, Unit(unit_name(kind, seed), tuple(range(spec.n_train)), seed), root, device)
+
+    _, done = train_each([(unit_name(kind, seed), lambda kind=kind, seed=seed: job(kind, seed)) for kind, seed in mine],
+                         f"corrupted models (shard {i}/{k})")
     return done
 
 

@@ -287,8 +287,10 @@ def _lds_rows(results: dict) -> list[tuple[str, dict | None, dict | None]]:
 
 def lds_by_method(results: dict, label: str, path: str | os.PathLike) -> plt.Figure:
     """Linear datamodeling score of every method (``results["lds"]`` of ``experiments/lds.py``): at its best damping
-    (bar, 95 % bootstrap interval over queries) and at its default damping (open circle); the noise ceiling (the
-    LDS of one seed's losses predicting the other's) as a shaded band."""
+    (bar, 95 % bootstrap interval over queries) and at its default damping (open circle); the seed-to-seed
+    agreement r (the LDS of one seed's losses predicting the other's) as a shaded band, and, when present, the
+    ceiling of an LDS against the S-seed mean, sqrt(S r / (1 + (S - 1) r)) (``ceiling_mean_target``), as a dashed
+    line."""
     rows = _lds_rows(results)
     fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(rows) + 1.4))
     y = np.arange(len(rows))
@@ -301,7 +303,11 @@ def lds_by_method(results: dict, label: str, path: str | os.PathLike) -> plt.Fig
     ax.plot([], [], "o", mfc="none", color="C3", label="default damping")
     ceiling = next(iter(results["lds"].values()))
     if ceiling.get("ceiling") is not None:
-        ax.axvspan(*ceiling["ceiling_ci"], color="0.6", alpha=0.35, label=f"noise ceiling {ceiling['ceiling']:.2f}")
+        ax.axvspan(*ceiling["ceiling_ci"], color="0.6", alpha=0.35,
+                   label=f"seed-to-seed agreement {ceiling['ceiling']:.2f}")
+    if ceiling.get("ceiling_mean_target") is not None:
+        ax.axvline(ceiling["ceiling_mean_target"], color="0.3", ls="--", lw=1,
+                   label=f"ceiling for the seed mean {ceiling['ceiling_mean_target']:.2f}")
     ax.set_yticks(y, [curvature_label(k) + ("" if b["damping"] is None else f"  (lambda {b['damping']:.0e})")
                       for k, _, b in rows], fontsize=7)
     ax.axvline(0, color="k", lw=0.8)
@@ -315,7 +321,8 @@ def lds_by_method(results: dict, label: str, path: str | os.PathLike) -> plt.Fig
 
 def lds_vs_damping(results: dict, label: str, path: str | os.PathLike) -> plt.Figure:
     """LDS against the absolute damping for every damped method (95 % intervals shaded); damping-free methods as
-    horizontal lines; each method's default damping marked by a larger dot."""
+    horizontal lines; each method's default damping marked by a larger dot; the seed-to-seed agreement as a grey
+    band and the ceiling for the seed mean as a dashed grey line."""
     table = results["lds"]
     keys = list(dict.fromkeys(r["key"] for r in table.values()))
     fig, ax = plt.subplots(figsize=(8.5, 4.2))
@@ -335,6 +342,8 @@ def lds_vs_damping(results: dict, label: str, path: str | os.PathLike) -> plt.Fi
     first = next(iter(table.values()))
     if first.get("ceiling") is not None:
         ax.axhspan(*first["ceiling_ci"], color="0.6", alpha=0.3)
+    if first.get("ceiling_mean_target") is not None:
+        ax.axhline(first["ceiling_mean_target"], color="0.3", ls="--", lw=1)
     ax.set(xscale="log", xlabel="absolute damping lambda", ylabel="LDS")
     ax.set_title(label, fontsize=9)
     ax.grid(alpha=0.3)

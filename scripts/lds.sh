@@ -5,6 +5,7 @@
 # model); 3. the 200 subset models and the counterfactual-removal models, two processes side by side (one core
 # each); 4. every method's predictions, the LDS, the removal table and the figures (results/ptb_lds.json).
 # Extra arguments go to every stage (e.g. --subsets 50); the results file is named after any non-default setting.
+# Not beside scripts/studies.sh, which runs the same stages (two scoring stages at once would exceed 24 GiB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=.venv/bin/python

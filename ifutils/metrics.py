@@ -205,11 +205,13 @@ def two_way_bootstrap_ci(predicted, actual, seed: int = 0, resamples: int = 1000
     Returns:
         [low, high]; NaN when M < 3.
     Raises:
-        ValueError: shapes differ or are not 2-D.
+        ValueError: shapes differ or are not 2-D; resamples not an int >= 1; level not in (0, 1).
     """
     a, b = np.asarray(predicted, dtype=np.float64), np.asarray(actual, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 2:
         raise ValueError(f"predicted {a.shape} and actual {b.shape} must be the same (M, Q) shape")
+    if not (isinstance(resamples, int) and resamples >= 1) or not 0 < level < 1:
+        raise ValueError(f"need an int resamples >= 1 and 0 < level < 1, got {resamples!r} and {level!r}")
     m, q = a.shape
     if m < 3:
         return [float("nan"), float("nan")]

@@ -51,8 +51,8 @@ from .model import ModelConfig, sentence_loss
 from .progress import log, progress
 from .train import TrainConfig, train_language_model
 
-__all__ = ["RECORD_FILE", "MODEL_FILE", "LOCK_FILE", "RetrainSpec", "Unit", "random_subsets", "select_train", "sentence_losses",
-           "train_unit", "train_each", "run_units", "load_records"]
+__all__ = ["RECORD_FILE", "MODEL_FILE", "LOCK_FILE", "RetrainSpec", "Unit", "random_subsets", "select_train",
+           "sentence_losses", "train_unit", "train_each", "run_units", "load_records"]
 
 RECORD_FILE, MODEL_FILE = "record.json", "model.pt"
 
@@ -204,10 +204,14 @@ def train_each(jobs, desc: str) -> tuple[list[str], list[str]]:
     Returns:
         (names whose fn returned None: left to another process, names that finished here or before).
     Raises:
+        TypeError: a job that is not a (name, callable) pair (checked before any runs).
         RuntimeError: after every job ran, naming the ones that raised and their errors.
     """
+    jobs = list(jobs)
+    if bad := [j for j in jobs if not (isinstance(j, tuple) and len(j) == 2 and callable(j[1]))]:
+        raise TypeError(f"jobs must be (name, callable) pairs, e.g. ('m000_s0', lambda: train_unit(...)); got {bad[:2]}")
     busy, done, failed = [], [], []
-    for name, fn in progress(list(jobs), desc=desc, unit="model"):
+    for name, fn in progress(jobs, desc=desc, unit="model"):
         try:
             record = fn()
         except Exception as error:  # noqa: BLE001 - reported below, after the other units

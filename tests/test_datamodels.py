@@ -145,3 +145,5 @@ def test_the_two_way_bootstrap_on_one_query_is_scipys_paired_bootstrap_of_the_ra
     assert ours == pytest.approx([ref.confidence_interval.low, ref.confidence_interval.high], abs=0.02)
     with pytest.raises(ValueError, match="same"):
         two_way_bootstrap_ci(a, b[:-1])
+    with pytest.raises(ValueError, match="resamples"):
+        two_way_bootstrap_ci(a, b, resamples=0)

@@ -147,3 +147,5 @@ def test_the_oga_verdict_from_a_constructed_table():
     assert out["c"]["differences"] == pytest.approx([-0.1, 0.1]) and out["c"]["verdict"] == "mixed"
     text = format_oga_comparison(table)
     assert len(text.splitlines()) == 2 + 3 and "did not hold" in text and "| b |" in text
+    with pytest.raises(ValueError, match="recall@0.1"):
+        oga_comparison(table, "precision")

@@ -153,6 +153,8 @@ def test_a_unit_that_raises_does_not_stop_the_others_and_is_reported_at_the_end(
                     ("d", lambda: job("d"))], "test")
     assert ran == ["a", "b", "c", "d"]
     assert train_each([("a", lambda: job("a")), ("c", lambda: job("c", busy=True))], "test") == (["c"], ["a"])
+    with pytest.raises(TypeError, match="callable"):
+        train_each([("a", "not callable")], "test")
     # run_units: a unit whose checkpoint was written for another configuration fails; the next one is still trained
     bad, good = Unit("bad", tuple(range(0, 50, 2)), 0), Unit("good", tuple(range(1, 50, 2)), 0)
     (tmp_path / "bad").mkdir()

@@ -243,9 +243,21 @@ def score_models(corpus: Corpus, spec: RetrainSpec, config: DetectionConfig, wco
     return {"table": detection_table(per_model, config), "models": info}
 
 
+def _check_metric(metric: str) -> None:
+    if metric not in ("auroc", "average_precision") and not (
+            isinstance(metric, str) and metric.startswith("recall@") and metric[7:].replace(".", "", 1).isdigit()):
+        raise ValueError(f"unknown metric {metric!r}; pass 'auroc', 'average_precision' or 'recall@<f>' with f one "
+                         f"of the inspected fractions, e.g. 'recall@0.1'")
+
+
+def _metric_entry(entry: dict, metric: str) -> dict:
+    """{"mean", "std", "values"} of ``metric`` in one ranking's entry of :func:`detection_table`."""
+    return entry["recall_at"][repr(float(metric[7:]))] if metric.startswith("recall@") else entry[metric]
+
+
 def format_detection(table: dict, metric: str = "auroc") -> str:
     """Markdown: one row per ranking, one column per corruption kind: mean +- std over seeds of ``metric``
-    (``auroc``, ``average_precision`` or ``recall@<f>``)."""
+    (``auroc``, ``average_precision`` or ``recall@<f>``; another raises ValueError)."""
     from ..curvature.labels import label
 
     kinds = list(table)
@@ -260,11 +272,10 @@ def format_detection(table: dict, metric: str = "auroc") -> str:
         return {"grad_l2": "OGA: gradient L2 norm", "grad_l1": "OGA: gradient L1 norm",
                 "isolation_forest": "OGA: isolation forest (projected gradients)", "train_loss": "training loss"}[name]
 
+    _check_metric(metric)
+
     def value(entry):
-        if metric.startswith("recall@"):
-            v = entry["recall_at"][repr(float(metric.split("@")[1]))]
-        else:
-            v = entry[metric]
+        v = _metric_entry(entry, metric)
         return f"{v['mean']:.3f} +- {v['std']:.3f}"
 
     lines = ["| ranking | " + " | ".join(f"{k} ({table[k]['seeds']} seeds)" for k in kinds) + " |",
@@ -295,13 +306,11 @@ def oga_comparison(table: dict, metric: str = "auroc") -> dict:
         "verdict": "held" (OGA at least as good in every seed: max d_s <= 0), "did not hold" (influence better in
         every seed: min d_s > 0) or "mixed" (the seeds disagree)}}.
     Raises:
-        KeyError: a kind without the OGA rankings or without any influence ranking; an unknown metric.
+        ValueError: an unknown metric.
+        KeyError: a kind without the OGA rankings or without any influence ranking; a recall fraction not inspected.
     """
-    def values(entry):
-        if metric.startswith("recall@"):
-            return entry["recall_at"][repr(float(metric.split("@")[1]))]
-        return entry[metric]
-
+    _check_metric(metric)
+    values = lambda entry: _metric_entry(entry, metric)  # noqa: E731
     out = {}
     for kind, t in table.items():
         r = t["rankings"]

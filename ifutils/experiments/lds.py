@@ -311,7 +311,8 @@ def format_lds(results: dict) -> str:
         where = "" if best["damping"] is None else f" ({best['damping']:.2g})"
         h = f"{held[key]['lds']:.3f}" if key in held else "-"
         shown = f"{fmt(default)}{mark(default)}" if default else "- (not positive definite)"
-        rows.append((best["lds"], f"| {label(key)} | {shown} | {fmt(best)}{where}{mark(best)} | {h} | {best['solver_queries']['lds']:.3f} | {best['validation']:.3f} |"))
+        rows.append((best["lds"], f"| {label(key)} | {shown} | {fmt(best)}{where}{mark(best)} | {h} | "
+                                  f"{best['solver_queries']['lds']:.3f} | {best['validation']:.3f} |"))
     lines += [r for _, r in sorted(rows, key=lambda x: -x[0])]
     methods = results.get("methods", {})
     for key in ("ggn", "hessian_cg"):

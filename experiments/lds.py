@@ -177,12 +177,15 @@ def score(corpus, spec, config, root, args) -> None:
     """Every method's predictions on the full-data model and the LDS over the finished subsets; the results file is
     rewritten after each method group, so a stopped run keeps what it finished and a rerun reads it back."""
     from ifutils.experiments.counterfactual import REMOVALS_FILE, format_removals, removal_table
-    from ifutils.experiments.lds import best_dampings, lds_table
+    from ifutils.experiments.lds import best_dampings, lds_table, study_root
     from ifutils.experiments.lds_methods import method_predictions
     from ifutils.experiments.whole_network import Stages
     from ifutils.io import atomic_write, checkpoint_record, environment
-    from ifutils.retrain import load_records
+    from ifutils.retrain import load_records, wait_for_units
 
+    # a subset model another process is finishing (the other worker's last one) is waited for: the losses are
+    # read once, below, for the whole run
+    wait_for_units(study_root(root, spec, config), study_units(spec, config))
     stages = Stages()
     ctx, state = _context(corpus, spec, config, root, args, stages)
     mconfig, losses, masks, choice = state["mconfig"], state["losses"], state["masks"], state["choice"]

@@ -12,7 +12,8 @@ training data. This module is the trainer for them:
   finished one), then measure the loss of every validation sentence under it and write ``record.json``; a unit
   whose record exists is skipped;
 * :func:`run_units`: train a list of units in order, or the share ``shard = (i, k)`` of them (unit j goes to
-  shard j mod k), so that k processes can run side by side, one per core.
+  shard j mod k), so that k processes can run side by side, one per core;
+* :func:`wait_for_units`: wait for the units other processes are training now (before reading the records).
 
 Side by side without shards: a unit being trained holds an exclusive lock on ``<unit>/train.lock`` (``fcntl.flock``,
 released by the kernel when the process ends, killed or not), and :func:`train_unit` skips a unit whose lock another
@@ -52,7 +53,8 @@ from .progress import log, progress
 from .train import TrainConfig, train_language_model
 
 __all__ = ["RECORD_FILE", "MODEL_FILE", "LOCK_FILE", "RetrainSpec", "Unit", "random_subsets", "select_train",
-           "sentence_losses", "train_unit", "train_each", "run_units", "load_records"]
+           "sentence_losses", "train_unit", "train_each", "run_units", "load_records",
+           "wait_for_units"]
 
 RECORD_FILE, MODEL_FILE = "record.json", "model.pt"
 
@@ -194,6 +196,54 @@ def _try_lock(directory: Path):
         handle.close()
         raise
     return handle
+
+
+def wait_for_units(root: str | os.PathLike, units: Sequence[Unit], poll_s: float = 5.0,
+                   timeout_s: float | None = None) -> list[str]:
+    """Wait until the unfinished units of ``units`` that another process is training now (their lock held) are
+    released, so that a stage reading the records right after the last models sees them all. Only the units busy
+    at the call are waited for (at most about one model's training time per process), not those taken up later,
+    and units never started or left by a killed process (their lock free) stay unfinished.
+
+    A check takes each candidate's lock for a moment (``flock`` has no test without taking it): a trainer that
+    tries that unit in the same instant skips it, and its next run trains it.
+
+    Args:
+        root: the study's directory. units: the units to check. poll_s: seconds between checks (> 0).
+        timeout_s: give up after this many seconds (None: wait as long as those trainings run).
+    Returns:
+        the names of the units that were being trained when this was called (empty: nothing to wait for).
+    Raises:
+        ValueError: ``poll_s`` <= 0 or ``timeout_s`` < 0.
+        TimeoutError: one of them was still locked after ``timeout_s``.
+    """
+    if not poll_s > 0 or (timeout_s is not None and timeout_s < 0):
+        raise ValueError(f"poll_s must be > 0 and timeout_s >= 0 or None, got {poll_s}, {timeout_s}")
+    root = Path(root)
+
+    def busy(candidates) -> list:
+        out = []
+        for u in candidates:
+            if _record_path(root, u).is_file() or not (root / u.name / LOCK_FILE).is_file():
+                continue
+            lock = _try_lock(root / u.name)
+            if lock is None:
+                out.append(u)
+            else:
+                lock.close()
+        return out
+
+    first = busy(units)
+    if first:
+        log(f"waiting for {len(first)} unit(s) being trained by another process: "
+            f"{', '.join(u.name for u in first[:5])}{' ...' if len(first) > 5 else ''}")
+    start, now = time.monotonic(), first
+    while now:
+        if timeout_s is not None and time.monotonic() - start > timeout_s:
+            raise TimeoutError(f"units still being trained after {timeout_s} s: {', '.join(u.name for u in now[:5])}")
+        time.sleep(poll_s)
+        now = busy(now)
+    return [u.name for u in first]
 
 
 def train_each(jobs, desc: str) -> tuple[list[str], list[str]]:

@@ -137,6 +137,45 @@ time.sleep(600)
         toy_corpus(), SPEC, a, tmp_path / "again")["valid_losses"]
 
 
+def test_wait_for_units_waits_for_the_units_being_trained_at_the_call_and_no_others(tmp_path):
+    """A separate process trains unit a (holds its lock), then takes d's lock and finishes a (writes its record,
+    releases the lock): the wait returns once a is released, although d is now locked; b (never started) and c
+    (lock file left by a killed process) are not waited for. A wait on d alone times out."""
+    from ifutils.retrain import wait_for_units
+
+    units = [Unit(n, (0,), 0) for n in "abcd"]
+    for n in "acd":
+        (tmp_path / n).mkdir()
+    (tmp_path / "c" / "train.lock").touch()
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import fcntl, pathlib, time
+root = pathlib.Path({str(tmp_path)!r})
+a = open(root / 'a' / 'train.lock', 'a+')
+fcntl.flock(a.fileno(), fcntl.LOCK_EX)
+print('locked', flush=True)
+time.sleep(1.0)
+d = open(root / 'd' / 'train.lock', 'a+')
+fcntl.flock(d.fileno(), fcntl.LOCK_EX)
+(root / 'a' / 'record.json').write_text('{{}}')
+a.close()
+print('a done', flush=True)
+time.sleep(600)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert wait_for_units(tmp_path, units, poll_s=0.05, timeout_s=60) == ["a"]
+        assert holder.stdout.readline().strip() == "a done" and (tmp_path / "a" / "record.json").is_file()
+        with pytest.raises(TimeoutError, match="d"):
+            wait_for_units(tmp_path, units, poll_s=0.05, timeout_s=0.2)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert wait_for_units(tmp_path, units, poll_s=0.05) == []
+    for bad in ({"poll_s": 0}, {"timeout_s": -1}):
+        with pytest.raises(ValueError, match="poll_s"):
+            wait_for_units(tmp_path, units, **bad)
+
+
 def test_a_unit_that_raises_does_not_stop_the_others_and_is_reported_at_the_end(tmp_path):
     from ifutils.retrain import train_each
 

@@ -56,11 +56,9 @@ def checkpoint_record(path: str | os.PathLike) -> dict:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, flush it to disk, then rename it onto ``path``.
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it onto ``path``.
 
-    A crash midway (a killed process, or the machine going down: the data is on disk before the rename) leaves the
-    old file (or none), never a half-written one. The file gets the usual permissions (0666 minus the umask), not
-    ``mkstemp``'s 0600.
+    A crash midway leaves the old file (or none), never a half-written one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,19 +66,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     os.close(fd)
     try:
         write(Path(tmp))
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def save_checkpoint(path: str | os.PathLike, model: LSTMLM, vocab: Vocabulary, **extra: Any) -> Path:

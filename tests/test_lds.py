@@ -169,6 +169,15 @@ def _check_every_method(model, corpus, masks, losses, queries, tmp_path):
         np.testing.assert_allclose(preds["ekfac"]["pred"][k], expected, rtol=1e-5, atol=1e-9)
     diag = diagonal_fisher(model, train, eos, labels="data", n_fit=10, chunk_size=8, seed=0)
     np.testing.assert_allclose(preds["ef_diag"]["pred"][1], -(w @ g @ (gq / (diag.d + 1e-2)).T).numpy(), rtol=1e-5)
+    # the diagonal_low group extends both diagonals' sweeps below the grid, in the same entries
+    from ifutils.experiments.lds_methods import DIAGONAL_LOW_DAMPINGS
+
+    for key in ("ef_diag", "mc_fisher_k1_diag"):
+        entry = preds[key]
+        assert entry["dampings"] == [*ctx.dampings(), *DIAGONAL_LOW_DAMPINGS] and entry["group"] == "fishers"
+        assert entry["pred"].shape[0] == len(entry["dampings"]) and entry["meta"]["extended_by"] == ["diagonal_low"]
+    for k, d in enumerate(preds["ef_diag"]["dampings"]):
+        np.testing.assert_allclose(preds["ef_diag"]["pred"][k], -(w @ g @ (gq / (diag.d + d)).T).numpy(), rtol=1e-4)
     proj = ctx.projection().matrix().double()
     phi, phi_q = g @ proj.T, gq @ proj.T
     kernel = phi.T @ phi / len(phi)

@@ -177,7 +177,7 @@ def score(corpus, spec, config, root, args) -> None:
     """Every method's predictions on the full-data model and the LDS over the finished subsets; the results file is
     rewritten after each method group, so a stopped run keeps what it finished and a rerun reads it back."""
     from ifutils.experiments.counterfactual import REMOVALS_FILE, format_removals, removal_table
-    from ifutils.experiments.lds import best_dampings, lds_table, study_root
+    from ifutils.experiments.lds import best_dampings, lds_differences, lds_table, study_root
     from ifutils.experiments.lds_methods import method_predictions
     from ifutils.experiments.whole_network import Stages
     from ifutils.io import atomic_write, checkpoint_record, environment
@@ -202,14 +202,17 @@ def score(corpus, spec, config, root, args) -> None:
 
     def write(group, predictions):
         table = lds_table(predictions, losses, mconfig.n_solver_queries) if complete >= 3 else {}
+        differences = lds_differences(predictions, losses) if complete >= 3 else {}
         out = {"spec": asdict(spec), "design": asdict(config), "methods_config": asdict(mconfig),
                "whole_network_config": asdict(ctx.wconfig), "M": int(masks.shape[0]), "complete_subsets": complete,
                "S": len(config.seeds), "beta": config.beta, "queries": ctx.queries,
                "finished_models": len(state["records"]), "default_damping": ctx.default_damping,
-               "groups_done": sorted({v["group"] for v in predictions.values()}),
+               "groups_done": sorted({g for v in predictions.values()
+                                      for g in (v["group"], *v["meta"].get("extended_by", []))}),
                "methods": {k: {"group": v["group"], "dampings": v["dampings"], "default_damping": v["default_damping"],
                                "meta": v["meta"]} for k, v in predictions.items()},
-               "spectrum": ctx._spectrum, "lds": table, "best": best_dampings(table), "counterfactual": removals,
+               "spectrum": ctx._spectrum, "lds": table, "differences": differences, "best": best_dampings(table),
+               "counterfactual": removals,
                "stages": stages.records,
                "provenance": {"checkpoint": checkpoint_record(choice["checkpoint"]), "epochs": spec.epochs,
                               "tracin_checkpoints": ctx.checkpoints},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -160,12 +161,7 @@ def datamodel_score(predicted, losses, seed: int = 0, resamples: int = 1000, cei
         raise ValueError(f"only {int(done.sum())} subsets have every seed's losses; the LDS needs at least 3")
     predicted, losses = predicted[done], losses[done]
     actual = losses.mean(1)
-
-    def per_query(a, b):  # Spearman over subsets, per column
-        a, b = stats.rankdata(a, axis=0), stats.rankdata(b, axis=0)
-        a, b = a - a.mean(0), b - b.mean(0)
-        return (a * b).sum(0) / np.sqrt((a * a).sum(0) * (b * b).sum(0))
-
+    per_query = _spearman_columns
     values = per_query(predicted, actual)
     nan2 = [float("nan"), float("nan")]
     ci = bootstrap_ci(lambda idx: float(values[idx].mean()), len(values), seed, resamples) if len(values) > 1 \
@@ -192,6 +188,90 @@ def datamodel_score(predicted, losses, seed: int = 0, resamples: int = 1000, cei
     return out
 
 
+def _spearman_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman over rows of each column pair: (M, Q), (M, Q) -> (Q,) (NaN for a constant column)."""
+    a, b = stats.rankdata(a, axis=0), stats.rankdata(b, axis=0)
+    a, b = a - a.mean(0), b - b.mean(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (a * b).sum(0) / np.sqrt((a * a).sum(0) * (b * b).sum(0))
+
+
+def _crossed_rhos(predicted: list, actual: np.ndarray, seed: int, resamples: int) -> np.ndarray:
+    """(resamples, len(predicted), Q): per-query Spearman of each prediction with ``actual`` on the same crossed
+    resamples of subsets (rows) and queries (columns); ranks taken once over all subsets (see
+    :func:`two_way_bootstrap_ci`)."""
+    ranked = [stats.rankdata(a, axis=0) for a in predicted]
+    rb = stats.rankdata(actual, axis=0)
+    m, q = rb.shape
+    rng = np.random.default_rng(seed)
+    out = np.empty((resamples, len(ranked), q))
+    for k in range(resamples):
+        rows, cols = rng.integers(m, size=m), rng.integers(q, size=q)
+        y = rb[np.ix_(rows, cols)]
+        y = y - y.mean(0)
+        for j, ra in enumerate(ranked):
+            x = ra[np.ix_(rows, cols)]
+            x = x - x.mean(0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[k, j] = (x * y).sum(0) / np.sqrt((x * x).sum(0) * (y * y).sum(0))
+    return out
+
+
+def _percentiles(draws: np.ndarray, level: float) -> list:
+    tail = (1 - level) / 2 * 100
+    low, high = np.nanpercentile(draws, [tail, 100 - tail])
+    return [float(low), float(high)]
+
+
+def paired_lds_difference(predicted_a, predicted_b, losses, seed: int = 0, resamples: int = 1000,
+                          level: float = 0.95) -> dict:
+    """LDS(a) - LDS(b) of two methods on the same subsets and queries, with paired intervals: both methods are
+    scored on each resample, so the noise they share (which subsets, which queries) cancels in the difference
+    (two separate intervals overlap where the paired one may not).
+
+    The LDS is that of :func:`datamodel_score` (Park et al. 2023, eq. 4): the mean over queries of the Spearman over
+    subsets between a method's predicted loss change and the seed-mean measured loss.
+
+    Args:
+        predicted_a, predicted_b: (M, Q) predictions of the two methods (any monotone scale per query).
+        losses: (M, S, Q) measured query losses (nats/token), NaN for a model not trained yet (its subset is left
+            out).
+        seed: of the resampling (``numpy.random.default_rng``). resamples: B >= 1. level: in (0, 1).
+    Returns:
+        {"difference": mean over queries of rho_a - rho_b, "ci": percentile interval resampling queries
+        (``scipy.stats.bootstrap`` of the per-query differences), "ci_two_way": resampling subsets and queries
+        together (the crossed bootstrap of :func:`two_way_bootstrap_ci`, the same draws for both methods),
+        "per_query": (Q,) differences, "subsets": M used}.
+    Raises:
+        ValueError: shapes that disagree, non-finite predictions, fewer than 3 complete subsets, resamples not an
+            int >= 1 or level not in (0, 1).
+    """
+    a, b, losses = (np.asarray(x.double().cpu() if torch.is_tensor(x) else x, dtype=np.float64)
+                    for x in (predicted_a, predicted_b, losses))
+    if a.shape != b.shape or a.ndim != 2 or losses.ndim != 3 or a.shape != (losses.shape[0], losses.shape[2]):
+        raise ValueError(f"need predicted_a, predicted_b (M, Q) and losses (M, S, Q); got {a.shape}, {b.shape}, "
+                         f"{losses.shape}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("a prediction holds NaN or Inf (a diverged solver?)")
+    if not (isinstance(resamples, int) and resamples >= 1) or not 0 < level < 1:
+        raise ValueError(f"need an int resamples >= 1 and 0 < level < 1, got {resamples!r} and {level!r}")
+    done = ~np.isnan(losses).any(axis=(1, 2))
+    if done.sum() < 3:
+        raise ValueError(f"only {int(done.sum())} subsets have every seed's losses; the LDS needs at least 3")
+    a, b, actual = a[done], b[done], losses[done].mean(1)
+    diff = _spearman_columns(a, actual) - _spearman_columns(b, actual)
+    diff = diff[np.isfinite(diff)]
+    ci = list(bootstrap_ci(lambda idx: float(diff[idx].mean()), len(diff), seed, resamples, level)) \
+        if len(diff) > 1 else [float("nan"), float("nan")]
+    rhos = _crossed_rhos([a, b], actual, seed, resamples)
+    d = rhos[:, 0] - rhos[:, 1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample whose columns are all constant
+        draws = np.nanmean(d, axis=1)
+    return {"difference": float(diff.mean()), "ci": ci, "ci_two_way": _percentiles(draws, level),
+            "per_query": diff.tolist(), "subsets": int(done.sum())}
+
+
 def two_way_bootstrap_ci(predicted, actual, seed: int = 0, resamples: int = 1000, level: float = 0.95) -> list:
     """Percentile interval of the mean over queries of the per-query Spearman over subsets, resampling subsets (rows)
     and queries (columns) together (a crossed bootstrap: both are finite samples).
@@ -215,19 +295,11 @@ def two_way_bootstrap_ci(predicted, actual, seed: int = 0, resamples: int = 1000
     m, q = a.shape
     if m < 3:
         return [float("nan"), float("nan")]
-    ra, rb = stats.rankdata(a, axis=0), stats.rankdata(b, axis=0)
-    rng = np.random.default_rng(seed)
-    draws = np.empty(resamples)
-    for k in range(resamples):
-        rows, cols = rng.integers(m, size=m), rng.integers(q, size=q)
-        x, y = ra[np.ix_(rows, cols)], rb[np.ix_(rows, cols)]
-        x, y = x - x.mean(0), y - y.mean(0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            rho = (x * y).sum(0) / np.sqrt((x * x).sum(0) * (y * y).sum(0))
-        draws[k] = np.nanmean(rho) if np.isfinite(rho).any() else np.nan
-    tail = (1 - level) / 2 * 100
-    low, high = np.nanpercentile(draws, [tail, 100 - tail])
-    return [float(low), float(high)]
+    rho = _crossed_rhos([a], b, seed, resamples)[:, 0]
+    finite = np.isfinite(rho).any(axis=1)
+    draws = np.full(resamples, np.nan)
+    draws[finite] = np.nanmean(rho[finite], axis=1)
+    return _percentiles(draws, level)
 
 
 def detection_metrics(scores, is_corrupted, inspected=(0.05, 0.1, 0.2)) -> dict:

@@ -128,6 +128,49 @@ def test_an_exact_predictor_reaches_the_ceiling_for_the_mean_of_the_seeds_not_th
     assert out["ci_two_way"][0] < out["lds"] < out["ci_two_way"][1]
 
 
+def test_paired_lds_difference_equals_a_scipy_loop_and_its_crossed_draws_a_brute_force_loop():
+    """The difference of two methods' LDS: per query from scipy.stats.spearmanr, its query interval
+    scipy.stats.bootstrap's, its crossed interval a loop over the same draws (rows and columns resampled, Pearson of
+    the ranks over all subsets by scipy.stats.pearsonr); identical methods differ by exactly 0, a clearly better one
+    by an interval above 0."""
+    from scipy import stats
+
+    from ifutils.metrics import paired_lds_difference
+
+    rng = np.random.default_rng(4)
+    m, q = 40, 9
+    truth = rng.normal(size=(m, q))
+    losses = np.stack([truth + 0.6 * rng.normal(size=(m, q)) for _ in range(2)], 1)  # (M, S, Q)
+    losses[5, 1, :] = np.nan  # an unfinished model: subset 5 is left out
+    good, poor = truth + 0.3 * rng.normal(size=(m, q)), truth + 3.0 * rng.normal(size=(m, q))
+    out = paired_lds_difference(good, poor, losses, seed=2, resamples=300)
+    keep = np.arange(m) != 5
+    actual = losses[keep].mean(1)
+    rho = lambda p: np.array([stats.spearmanr(p[keep, j], actual[:, j])[0] for j in range(q)])  # noqa: E731
+    diff = rho(good) - rho(poor)
+    assert out["subsets"] == m - 1 and out["per_query"] == pytest.approx(diff.tolist(), abs=1e-12)
+    assert out["difference"] == pytest.approx(diff.mean(), abs=1e-12)
+    ref = stats.bootstrap((np.arange(q),), lambda i: diff[i.astype(int)].mean(), vectorized=False, n_resamples=300,
+                          method="percentile", random_state=np.random.default_rng(2))
+    assert out["ci"] == pytest.approx([ref.confidence_interval.low, ref.confidence_interval.high], abs=1e-12)
+    ranks = {k: stats.rankdata(v, axis=0) for k, v in (("good", good[keep]), ("poor", poor[keep]), ("actual", actual))}
+    draws, gen = [], np.random.default_rng(2)
+    for _ in range(300):
+        rows, cols = gen.integers(m - 1, size=m - 1), gen.integers(q, size=q)
+        draws.append(np.mean([stats.pearsonr(ranks["good"][rows, c], ranks["actual"][rows, c])[0]
+                              - stats.pearsonr(ranks["poor"][rows, c], ranks["actual"][rows, c])[0] for c in cols]))
+    assert out["ci_two_way"] == pytest.approx(list(np.percentile(draws, [2.5, 97.5])), abs=1e-9)
+    assert out["ci_two_way"][0] > 0  # 0.3 against 3.0 noise: the better method wins on every resample's mean
+    same = paired_lds_difference(good, good, losses, resamples=50)
+    assert same["difference"] == 0 and same["ci"] == [0, 0] and same["ci_two_way"] == [0, 0]
+    with pytest.raises(ValueError, match="need predicted_a"):
+        paired_lds_difference(good, poor[:-1], losses)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        paired_lds_difference(np.full_like(good, np.inf), poor, losses)
+    with pytest.raises(ValueError, match="resamples"):
+        paired_lds_difference(good, poor, losses, resamples=0)
+
+
 def test_the_two_way_bootstrap_on_one_query_is_scipys_paired_bootstrap_of_the_rank_correlation():
     """One query: resampling queries does nothing, so the interval is scipy.stats.bootstrap's paired percentile
     interval of the Pearson correlation of the ranks (Monte Carlo error only)."""

@@ -1,6 +1,8 @@
 """The linear datamodeling score: against a loop of scipy.stats.spearmanr, and on a convex model retrained exactly,
 where exact influence must predict the retrained losses (LDS >= 0.95)."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -202,6 +204,19 @@ def _check_every_method(model, corpus, masks, losses, queries, tmp_path):
     assert entry["solver_queries"]["lds"] == pytest.approx(np.mean(expected["per_query"][:2]))
     best = best_dampings(table)
     assert best["ekfac"]["lds"] == max(r["lds"] for r in table.values() if r["key"] == "ekfac")
+    # paired differences at the default dampings: the table's two LDS values subtracted (another code path)
+    from ifutils.experiments.lds import lds_differences
+
+    differences = lds_differences(preds, losses, resamples=200)
+    default_ekfac = table[f"ekfac@{preds['ekfac']['dampings'][0]:.3g}"]
+    d = differences["identity"]["ekfac"]
+    assert d["difference"] == pytest.approx(default_ekfac["lds"] - entry["lds"], abs=1e-12) and d["queries"] == 3
+    assert d["ci_two_way"][0] <= d["difference"] <= d["ci_two_way"][1]
+    assert differences["ekfac"]["identity"]["difference"] == pytest.approx(-d["difference"], abs=1e-12)
+    assert differences["identity"]["ggn"]["queries"] == 2  # CG solves only the first n_solver queries
+    assert "ekfac" not in differences["ekfac"] and set(differences["identity"]) == set(preds) - {"identity"} - {
+        k for k, v in preds.items() if v["dampings"] != [None] and not any(
+            math.isclose(x, v["default_damping"], rel_tol=1e-9) for x in v["dampings"])}
     from ifutils.experiments.plots import lds_by_method, lds_vs_damping
 
     lds_by_method({"lds": table}, "tiny", tmp_path / "methods.png")
@@ -213,8 +228,10 @@ def _check_every_method(model, corpus, masks, losses, queries, tmp_path):
     results = {"spec": {"hidden": 3, "n_train": 40, "epochs": 2}, "design": {}, "M": 4, "beta": 0.5, "S": 2,
                "complete_subsets": 4, "finished_models": 8, "queries": queries, "default_damping": 1e-3,
                "methods_config": {"n_solver_queries": 2}, "lds": table, "counterfactual": None,
-               "methods": {k: {"meta": v["meta"], "dampings": v["dampings"]} for k, v in preds.items()}}
+               "methods": {k: {"meta": v["meta"], "dampings": v["dampings"]} for k, v in preds.items()},
+               "differences": differences}
     text = format_lds(results)
+    assert "| EK-FAC | " + f"{d['difference']:+.3f}" in text.split("Paired differences")[1]
     assert "Seed-to-seed agreement" in text and "the mean of S = 2 seeds" in text and "| EK-FAC |" in text and "multi-shift CG on 3 query columns" in text
     # the best damping against the spectrum: ratios by hand from a stated spectrum
     from ifutils.experiments.lds import best_dampings, damping_against_spectrum

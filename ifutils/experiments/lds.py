@@ -197,6 +197,49 @@ def lds_table(predictions: dict, losses: np.ndarray, n_solver: int, seed: int = 
     return out
 
 
+def _default_index(entry: dict) -> int | None:
+    """Index of an entry's default damping in its ``dampings`` (0 for a damping-free method; None when absent)."""
+    if entry["dampings"] == [None]:
+        return 0
+    default = entry.get("default_damping")
+    return next((k for k, d in enumerate(entry["dampings"]) if default is not None and d is not None
+                 and math.isclose(d, default, rel_tol=1e-9)), None)
+
+
+def lds_differences(predictions: dict, losses: np.ndarray, references=("identity", "ekfac"), seed: int = 0,
+                    resamples: int = 1000) -> dict:
+    """Every method's LDS minus each reference's, both at their default dampings, with paired intervals
+    (:func:`ifutils.metrics.paired_lds_difference`): how much a curvature adds over the gradient dot product, and
+    how far each one is from EK-FAC, with the noise the two share cancelled.
+
+    Args:
+        predictions: of :func:`~ifutils.experiments.lds_methods.method_predictions` ("pred" (D, M, W)).
+        losses: (M, S, 1 + Q) measured losses (column 0 the mean validation loss, left out here).
+        references: keys of ``predictions`` to subtract (missing ones are skipped).
+    Returns:
+        {reference: {key: {"difference", "ci", "ci_two_way", "per_query", "subsets", "queries"}}}, on the sentence
+        queries both methods predict (the first n_solver for CG and LiSSA); methods without a prediction at their
+        default damping (the Hessian by CG where H + lambda_0 I is indefinite) are left out.
+    """
+    from ..metrics import paired_lds_difference
+
+    out = {}
+    for ref in references:
+        if ref not in predictions or (j := _default_index(predictions[ref])) is None:
+            continue
+        b, rows = predictions[ref]["pred"][j], {}
+        for key, entry in predictions.items():
+            k = _default_index(entry)
+            if key == ref or k is None:
+                continue
+            a = entry["pred"][k]
+            width = min(a.shape[1], b.shape[1])
+            r = paired_lds_difference(a[:, 1:width], b[:, 1:width], losses[:, :, 1:width], seed, resamples)
+            rows[key] = {**r, "queries": width - 1}
+        out[ref] = rows
+    return out
+
+
 def best_dampings(table: dict) -> dict:
     """{key: the entry of its damping with the highest LDS} over the damped entries of :func:`lds_table`."""
     best = {}
@@ -314,6 +357,22 @@ def format_lds(results: dict) -> str:
         rows.append((best["lds"], f"| {label(key)} | {shown} | {fmt(best)}{where}{mark(best)} | {h} | "
                                   f"{best['solver_queries']['lds']:.3f} | {best['validation']:.3f} |"))
     lines += [r for _, r in sorted(rows, key=lambda x: -x[0])]
+    differences = results.get("differences") or {}
+    refs = [r for r in ("identity", "ekfac") if r in differences]
+    if refs:
+        cell = lambda d: (f"{d['difference']:+.3f} {interval(d['ci'])}{two_way(d)}"  # noqa: E731
+                          + (f" on {d['queries']} queries" if d["queries"] != len(results["queries"]) else ""))
+        lines += ["", "Paired differences at the default dampings (both methods scored on the same resamples, so "
+                  "the noise they share cancels): [95 % over queries] (over subsets and queries).", "",
+                  "| method | " + " | ".join(f"minus {label(r)}" for r in refs) + " |",
+                  "|---|" + "---|" * len(refs)]
+        keys_d = sorted({k for r in refs for k in differences[r]} | set(refs),
+                        key=lambda k: -next((x["lds"] for x in table.values() if x["key"] == k
+                                             and (x["damping"] is None or x["default"])), -1.0))
+        for key in keys_d:
+            lines.append(f"| {label(key)} | " + " | ".join(
+                "-" if key == r else cell(differences[r][key]) if key in differences[r] else "n/a" for r in refs)
+                + " |")
     methods = results.get("methods", {})
     for key in ("ggn", "hessian_cg"):
         solves = methods.get(key, {}).get("meta", {}).get("solves")

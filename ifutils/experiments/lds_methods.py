@@ -10,8 +10,8 @@ G = W g of one pass over the training set (:func:`ifutils.datamodels.gradient_su
 * ``fishers``: EK-FAC and KFAC with true-Fisher and data labels, diagonal true Fisher and EF, all from the same
   ``n_fit`` sentences as the whole-network study. For the Kronecker curvatures G and g are rotated once into the
   eigenbasis, after which every damping is a weighted dot product: -sum_k (Q^T G_m)_k (Q^T g_q)_k / (e_k + lambda);
-* ``diagonal_low``: the two diagonal Fishers' sweep extended below the grid (:data:`DIAGONAL_LOW_DAMPINGS`: their
-  LDS was highest at the grid's smallest damping); merged into the ``fishers`` entries of the same keys;
+* ``fishers_low``: the same six curvatures at :data:`LOW_DAMPINGS`, below the grid (the diagonal Fishers' LDS was
+  highest at the grid's smallest damping); merged into the ``fishers`` entries of the same keys;
 * ``identity``: -G_m^T g_q (TracIn at the last checkpoint, Pruthi et al. 2020; any damping only rescales it);
 * ``cosine``: -sum_{i in S_m} cos(g_i, g_q) (unit-norm sums of the same pass);
 * ``trak``: TRAK-style (Park et al. 2023, eq. 13 with loss gradients and one model): phi = P g with a Kronecker
@@ -55,13 +55,16 @@ from ..datamodels import GradientSums, KroneckerProjection, fingerprint_weights,
 from ..network import NetworkGrads
 from ..progress import log, progress
 
-GROUPS = ("identity", "cosine", "fishers", "diagonal_low", "trak", "subset", "arnoldi", "tracin", "lissa", "cg")
+GROUPS = ("identity", "cosine", "fishers", "fishers_low", "trak", "subset", "arnoldi", "tracin", "lissa", "cg")
 """Method groups, cheapest first (the order they run in; CG, about 100 products per query column, last)."""
 
 
-DIAGONAL_LOW_DAMPINGS = (1e-10, 1e-9, 1e-8, 1e-7)
-"""Absolute dampings of the ``diagonal_low`` group, below the sweep of ``MethodsConfig.dampings`` (a module constant,
-not a config field, so that the other groups' cache keys stay as they were)."""
+LOW_DAMPINGS = (1e-12, 1e-11, 1e-10, 1e-9, 1e-8, 1e-7)
+"""Absolute dampings of the ``fishers_low`` group, below the sweep of ``MethodsConfig.dampings`` (a module constant
+in that group's cache key, not a config field, so that the other groups' keys stay as they were)."""
+
+GROUP_KEYS = {"fishers_low": {"low_dampings": LOW_DAMPINGS}}
+"""Settings outside :class:`MethodsConfig` that a group's cache key covers."""
 
 
 @dataclass
@@ -263,21 +266,37 @@ def group_fishers(ctx: Context) -> dict:
     return out
 
 
-def group_diagonal_low(ctx: Context) -> dict:
-    """The diagonal true Fisher and EF (the ``fishers`` group's, read back from their cache) at
-    :data:`DIAGONAL_LOW_DAMPINGS` not already in the study's dampings: -G_m^T (D + lambda I)^{-1} g_q. As lambda
-    falls below the diagonal's small entries (coordinates the fit sentences barely touch, such as the embedding rows
-    of words absent from them), those coordinates dominate the prediction."""
+def group_fishers_low(ctx: Context) -> dict:
+    """The ``fishers`` group's six curvatures (their fits read back from the cache) at :data:`LOW_DAMPINGS` not
+    already among the study's dampings, in float64: -(B^T G_m)^T diag(1 / (e + lambda)) (B^T g_q) with B the
+    Kronecker eigenbasis and e its eigenvalues, or B = I and e = the diagonal. As lambda falls below a curvature's
+    small eigenvalues (directions the fit sentences barely excite, such as the embedding rows of words absent from
+    them), those directions dominate the prediction. A damping with e_min + lambda <= 0 is skipped and listed in
+    ``meta["skipped_not_positive_definite"]``."""
     from ..curvature.network_kfac import diagonal_fisher
 
     w, out = ctx.wconfig, {}
-    dampings = [d for d in DIAGONAL_LOW_DAMPINGS if not any(math.isclose(d, e, rel_tol=1e-9) for e in ctx.dampings())]
+    dampings = [d for d in LOW_DAMPINGS if not any(math.isclose(d, e, rel_tol=1e-9) for e in ctx.dampings())]
+    sums_t, q_t = ctx.sums.sums.T, ctx.query_grads.T  # (P, M), (P, 1 + Q)
+
+    def predict(key, left, right, e):
+        e_min = float(e.min())
+        kept = [d for d in dampings if e_min + d > 0]
+        out[key] = {"dampings": kept, "pred": np.stack([_weighted(left, right, 1 / (e + d)) for d in kept]),
+                    "meta": {"min_eigenvalue": e_min,
+                             "skipped_not_positive_definite": [d for d in dampings if d not in kept]}}
+
     for labels in ("model", "data"):
+        curvatures = ctx.kfac_curvatures(labels)
+        basis = next(iter(curvatures.values()))
+        with ctx.stages(f"rotate the subset sums and queries into the KFAC eigenbasis ({labels} labels, low dampings)"):
+            left, right = basis.to_eigenbasis(sums_t).float(), basis.to_eigenbasis(q_t).float()
+        for key, c in curvatures.items():
+            predict(key, left, right, c.eigenvalue_vector())
+        del left, right
         diag = diagonal_fisher(ctx.model, ctx.train, ctx.eos, labels=labels, mc_samples=w.mc_samples, n_fit=w.n_fit,
                                chunk_size=w.chunk_size, seed=w.seed, cache_dir=ctx.cache_dir)
-        out[diag.name] = {"dampings": dampings, "meta": {"mean_eigenvalue": diag.mean_eigenvalue()},
-                          "pred": np.stack([_as_rows(-_dot(ctx.sums.sums, ctx.query_grads / (diag.d + d).float()))
-                                            for d in dampings])}
+        predict(diag.name, sums_t, q_t, diag.d)
     return out
 
 
@@ -497,7 +516,7 @@ def group_lissa(ctx: Context) -> dict:
 
 
 GROUP_FUNCTIONS = {"identity": group_identity, "cosine": group_cosine, "fishers": group_fishers,
-                   "diagonal_low": group_diagonal_low, "trak": group_trak,
+                   "fishers_low": group_fishers_low, "trak": group_trak,
                    "subset": group_subset, "tracin": group_tracin, "arnoldi": group_arnoldi, "cg": group_cg,
                    "lissa": group_lissa}
 
@@ -510,14 +529,15 @@ def method_predictions(ctx: Context, on_group=None) -> dict:
             entry point rewrites its results file there, so a stopped run keeps what it finished).
     Returns:
         {key: {"dampings", "pred" (D, M, W) float64, "meta", "group", "default_damping"}}; W = 1 + Q, or
-        1 + n_solver_queries for CG and LiSSA. A group that returns a key an earlier group gave (``diagonal_low``)
+        1 + n_solver_queries for CG and LiSSA. A group that returns a key an earlier group gave (``fishers_low``)
         extends that entry: its dampings and predictions are appended, and ``meta["extended_by"]`` names it.
     """
     results = {}
     for name in [g for g in GROUPS if g in ctx.config.groups]:
         fn = GROUP_FUNCTIONS[name]
         cache = ctx.cache(f"group {name}", ["ifutils.datamodels", fn, Context, _weighted],
-                          {"methods": {k: v for k, v in asdict(ctx.config).items() if k != "groups"}})
+                          {"methods": {k: v for k, v in asdict(ctx.config).items() if k != "groups"},
+                           **GROUP_KEYS.get(name, {})})
         stored = cache.get("result") if cache is not None else None
         if stored is None:
             log(f"LDS predictions: {name}")
@@ -533,7 +553,8 @@ def method_predictions(ctx: Context, on_group=None) -> dict:
                 prev = results[k]
                 results[k] = {**prev, "dampings": prev["dampings"] + dampings,
                               "pred": np.concatenate([prev["pred"], v["pred"].double().numpy()]),
-                              "meta": {**prev["meta"], "extended_by": [*prev["meta"].get("extended_by", []), name]}}
+                              "meta": {**prev["meta"], **meta,
+                                       "extended_by": [*prev["meta"].get("extended_by", []), name]}}
                 continue
             default = None if dampings == [None] else meta.get("default_damping", ctx.default_damping)
             results[k] = {"dampings": dampings, "pred": v["pred"].double().numpy(), "meta": meta, "group": name,

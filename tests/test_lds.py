@@ -183,6 +183,20 @@ def _check_every_method(model, corpus, masks, losses, queries, tmp_path):
         assert all(entry["meta"]["min_eigenvalue"] + d <= 0 for d in entry["meta"]["skipped_not_positive_definite"])
     for k, d in enumerate(preds["ef_diag"]["dampings"]):
         np.testing.assert_allclose(preds["ef_diag"]["pred"][k], -(w @ g @ (gq / (diag.d + d)).T).numpy(), rtol=1e-4)
+    # the lexical control against TF-IDF by its formula: raw counts x (ln((1 + n) / (1 + df)) + 1), rows l2-normed
+    docs = lambda ss: [[t for t in x.tolist() if t != eos] for x in ss]  # noqa: E731
+    vocab = sorted({t for d in docs(train) for t in d})
+    df = np.array([sum(t in d for d in docs(train)) for t in vocab], dtype=np.float64)
+    idf = np.log((1 + len(train)) / (1 + df)) + 1
+
+    def vec(d):
+        v = np.array([d.count(t) for t in vocab], dtype=np.float64) * idf
+        return v / np.linalg.norm(v) if np.linalg.norm(v) > 0 else v
+
+    tv, vv = np.array([vec(d) for d in docs(train)]), np.array([vec(d) for d in docs(valid)])
+    counts = np.array([len(d) for d in docs(valid)], dtype=np.float64)
+    sims = np.column_stack([tv @ (vv.T @ (counts / counts.sum())), tv @ vv[queries].T])
+    np.testing.assert_allclose(preds["tfidf"]["pred"][0], -(masks.astype(np.float64) @ sims), rtol=1e-10, atol=1e-12)
     proj = ctx.projection().matrix().double()
     phi, phi_q = g @ proj.T, gq @ proj.T
     kernel = phi.T @ phi / len(phi)

@@ -32,6 +32,7 @@ LABELS: dict[str, str] = {
     "tracin": "TracIn (summed over checkpoints)",
     "trak": "TRAK-style (random projection + projected EF)",
     "subset_hessian": "512-coordinate subset Hessian",
+    "tfidf": "TF-IDF cosine (token overlap, no gradients)",
 }
 """Base key -> display label."""
 

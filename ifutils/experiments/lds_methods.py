@@ -12,6 +12,10 @@ G = W g of one pass over the training set (:func:`ifutils.datamodels.gradient_su
   eigenbasis, after which every damping is a weighted dot product: -sum_k (Q^T G_m)_k (Q^T g_q)_k / (e_k + lambda);
 * ``fishers_low``: the same six curvatures at :data:`LOW_DAMPINGS`, below the grid (the diagonal Fishers' LDS was
   highest at the grid's smallest damping); merged into the ``fishers`` entries of the same keys;
+* ``lexical``: no gradients, a control: -sum_{i in S_m} tfidf(i) . tfidf(q), the TF-IDF cosine of the training
+  sentence's and the query's tokens (scikit-learn's ``TfidfVectorizer``, idf fit on the training sentences); for
+  the mean-validation-loss query, the token-weighted mean over the validation sentences. How much of the LDS token
+  overlap alone explains;
 * ``identity``: -G_m^T g_q (TracIn at the last checkpoint, Pruthi et al. 2020; any damping only rescales it);
 * ``cosine``: -sum_{i in S_m} cos(g_i, g_q) (unit-norm sums of the same pass);
 * ``trak``: TRAK-style (Park et al. 2023, eq. 13 with loss gradients and one model): phi = P g with a Kronecker
@@ -55,7 +59,7 @@ from ..datamodels import GradientSums, KroneckerProjection, fingerprint_weights,
 from ..network import NetworkGrads
 from ..progress import log, progress
 
-GROUPS = ("identity", "cosine", "fishers", "fishers_low", "trak", "subset", "arnoldi", "tracin", "lissa", "cg")
+GROUPS = ("identity", "cosine", "fishers", "fishers_low", "lexical", "trak", "subset", "arnoldi", "tracin", "lissa", "cg")
 """Method groups, cheapest first (the order they run in; CG, about 100 products per query column, last)."""
 
 
@@ -300,6 +304,24 @@ def group_fishers_low(ctx: Context) -> dict:
     return out
 
 
+def group_lexical(ctx: Context) -> dict:
+    """TF-IDF cosine between each training sentence and each query (tokens without ``<eos>``), summed over the
+    subset: the prediction of a model that only counts shared (rare) words."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    def docs(sentences):
+        return [[str(t) for t in s.tolist() if t != ctx.eos] for s in sentences]
+
+    tfidf = TfidfVectorizer(analyzer=lambda doc: doc)  # l2-normalised rows: a dot product is the cosine
+    train = tfidf.fit_transform(docs(ctx.train))
+    valid = tfidf.transform(docs(ctx.valid))
+    tokens = np.array([len(d) for d in docs(ctx.valid)], dtype=np.float64)
+    mean_query = valid.T @ (tokens / tokens.sum())  # (V,): the token-weighted mean of the validation sentences
+    sims = np.column_stack([train @ mean_query, (train @ valid[ctx.queries].T).toarray()])  # (n, 1 + Q)
+    pred = -(ctx.masks.astype(np.float64) @ sims)
+    return {"tfidf": {"dampings": [None], "pred": pred[None], "meta": {"vocabulary": len(tfidf.vocabulary_)}}}
+
+
 def group_trak(ctx: Context) -> dict:
     """TRAK-style: projected features, the projected EF kernel Phi^T Phi / n, solved by its eigendecomposition."""
     phi = ctx.sums.features.double()  # (n, K)
@@ -516,7 +538,7 @@ def group_lissa(ctx: Context) -> dict:
 
 
 GROUP_FUNCTIONS = {"identity": group_identity, "cosine": group_cosine, "fishers": group_fishers,
-                   "fishers_low": group_fishers_low, "trak": group_trak,
+                   "fishers_low": group_fishers_low, "lexical": group_lexical, "trak": group_trak,
                    "subset": group_subset, "tracin": group_tracin, "arnoldi": group_arnoldi, "cg": group_cg,
                    "lissa": group_lissa}
 

@@ -183,6 +183,13 @@ def _check_every_method(model, corpus, masks, losses, queries, tmp_path):
         assert all(entry["meta"]["min_eigenvalue"] + d <= 0 for d in entry["meta"]["skipped_not_positive_definite"])
     for k, d in enumerate(preds["ef_diag"]["dampings"]):
         np.testing.assert_allclose(preds["ef_diag"]["pred"][k], -(w @ g @ (gq / (diag.d + d)).T).numpy(), rtol=1e-4)
+    # the diagonal EF on every training sentence, at the grid and the low dampings
+    full = diagonal_fisher(model, train, eos, labels="data", n_fit=None, chunk_size=8, seed=0)
+    assert preds["ef_all_diag"]["dampings"] == [*ctx.dampings(), *LOW_DAMPINGS]
+    assert preds["ef_all_diag"]["meta"]["zero_eigenvalues"] == int((full.d == 0).sum())
+    for k, d in enumerate(preds["ef_all_diag"]["dampings"]):
+        np.testing.assert_allclose(preds["ef_all_diag"]["pred"][k], -(w @ g @ (gq / (full.d + d)).T).numpy(),
+                                   rtol=1e-5)  # the float32 gradient sums
     # the lexical control against TF-IDF by its formula: raw counts x (ln((1 + n) / (1 + df)) + 1), rows l2-normed
     docs = lambda ss: [[t for t in x.tolist() if t != eos] for x in ss]  # noqa: E731
     vocab = sorted({t for d in docs(train) for t in d})

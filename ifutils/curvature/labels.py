@@ -17,6 +17,7 @@ LABELS: dict[str, str] = {
     "ggn": "GGN (true Fisher, closed form)",
     "mc_fisher": "true Fisher (MC)",
     "ef": "EF",
+    "ef_all": "EF (every training sentence)",
     "ef_token": "EF (token)",
     "ef_woodbury": "EF (Woodbury)",
     "ef_datainf": "EF (DataInf)",

@@ -12,6 +12,9 @@ G = W g of one pass over the training set (:func:`ifutils.datamodels.gradient_su
   eigenbasis, after which every damping is a weighted dot product: -sum_k (Q^T G_m)_k (Q^T g_q)_k / (e_k + lambda);
 * ``fishers_low``: the same six curvatures at :data:`LOW_DAMPINGS`, below the grid (the diagonal Fishers' LDS was
   highest at the grid's smallest damping); merged into the ``fishers`` entries of the same keys;
+* ``diagonal_all``: the diagonal EF fit on every training sentence instead of ``n_fit``, at the grid and
+  :data:`LOW_DAMPINGS`: whether the diagonal's LDS at small damping comes from the directions the fit sentences
+  leave unexcited (zero entries);
 * ``lexical``: no gradients, a control: -sum_{i in S_m} tfidf(i) . tfidf(q), the TF-IDF cosine of the training
   sentence's and the query's tokens (scikit-learn's ``TfidfVectorizer``, idf fit on the training sentences); for
   the mean-validation-loss query, the token-weighted mean over the validation sentences. How much of the LDS token
@@ -59,7 +62,8 @@ from ..datamodels import GradientSums, KroneckerProjection, fingerprint_weights,
 from ..network import NetworkGrads
 from ..progress import log, progress
 
-GROUPS = ("identity", "cosine", "fishers", "fishers_low", "lexical", "trak", "subset", "arnoldi", "tracin", "lissa", "cg")
+GROUPS = ("identity", "cosine", "fishers", "fishers_low", "lexical", "trak", "subset", "arnoldi", "diagonal_all",
+          "tracin", "lissa", "cg")
 """Method groups, cheapest first (the order they run in; CG, about 100 products per query column, last)."""
 
 
@@ -67,7 +71,7 @@ LOW_DAMPINGS = (1e-12, 1e-11, 1e-10, 1e-9, 1e-8, 1e-7)
 """Absolute dampings of the ``fishers_low`` group, below the sweep of ``MethodsConfig.dampings`` (a module constant
 in that group's cache key, not a config field, so that the other groups' keys stay as they were)."""
 
-GROUP_KEYS = {"fishers_low": {"low_dampings": LOW_DAMPINGS}}
+GROUP_KEYS = {"fishers_low": {"low_dampings": LOW_DAMPINGS}, "diagonal_all": {"low_dampings": LOW_DAMPINGS}}
 """Settings outside :class:`MethodsConfig` that a group's cache key covers."""
 
 
@@ -287,7 +291,7 @@ def group_fishers_low(ctx: Context) -> dict:
         e_min = float(e.min())
         kept = [d for d in dampings if e_min + d > 0]
         out[key] = {"dampings": kept, "pred": np.stack([_weighted(left, right, 1 / (e + d)) for d in kept]),
-                    "meta": {"min_eigenvalue": e_min,
+                    "meta": {"min_eigenvalue": e_min, "zero_eigenvalues": int((e == 0).sum()),
                              "skipped_not_positive_definite": [d for d in dampings if d not in kept]}}
 
     for labels in ("model", "data"):
@@ -302,6 +306,24 @@ def group_fishers_low(ctx: Context) -> dict:
                                chunk_size=w.chunk_size, seed=w.seed, cache_dir=ctx.cache_dir)
         predict(diag.name, sums_t, q_t, diag.d)
     return out
+
+
+def group_diagonal_all(ctx: Context) -> dict:
+    """The diagonal EF on all the training sentences (``n_fit=None``; same scale, (1/n) sum_i T_i g_i^2), at the
+    study's dampings and :data:`LOW_DAMPINGS`, in float64: -G_m^T (D + lambda I)^{-1} g_q."""
+    from ..curvature.network_kfac import diagonal_fisher
+
+    w = ctx.wconfig
+    with ctx.stages(f"diagonal EF on all {len(ctx.train):,} training sentences"):
+        diag = diagonal_fisher(ctx.model, ctx.train, ctx.eos, labels="data", n_fit=None, chunk_size=w.chunk_size,
+                               seed=w.seed, cache_dir=ctx.cache_dir)
+    dampings = [*ctx.dampings(), *(d for d in LOW_DAMPINGS
+                                   if not any(math.isclose(d, e, rel_tol=1e-9) for e in ctx.dampings()))]
+    sums_t, q_t = ctx.sums.sums.T, ctx.query_grads.T
+    pred = np.stack([_weighted(sums_t, q_t, 1 / (diag.d + d)) for d in dampings])
+    meta = {"mean_eigenvalue": diag.mean_eigenvalue(), "n_fit": len(ctx.train),
+            "zero_eigenvalues": int((diag.d == 0).sum())}
+    return {"ef_all_diag": {"dampings": dampings, "pred": pred, "meta": meta}}
 
 
 def group_lexical(ctx: Context) -> dict:
@@ -538,7 +560,8 @@ def group_lissa(ctx: Context) -> dict:
 
 
 GROUP_FUNCTIONS = {"identity": group_identity, "cosine": group_cosine, "fishers": group_fishers,
-                   "fishers_low": group_fishers_low, "lexical": group_lexical, "trak": group_trak,
+                   "fishers_low": group_fishers_low, "lexical": group_lexical, "diagonal_all": group_diagonal_all,
+                   "trak": group_trak,
                    "subset": group_subset, "tracin": group_tracin, "arnoldi": group_arnoldi, "cg": group_cg,
                    "lissa": group_lissa}
 

@@ -203,6 +203,7 @@ def score(corpus, spec, config, root, args) -> None:
     def write(group, predictions):
         table = lds_table(predictions, losses, mconfig.n_solver_queries) if complete >= 3 else {}
         differences = lds_differences(predictions, losses) if complete >= 3 else {}
+        differences_best = lds_differences(predictions, losses, at="best", table=table) if complete >= 3 else {}
         out = {"spec": asdict(spec), "design": asdict(config), "methods_config": asdict(mconfig),
                "whole_network_config": asdict(ctx.wconfig), "M": int(masks.shape[0]), "complete_subsets": complete,
                "S": len(config.seeds), "beta": config.beta, "queries": ctx.queries,
@@ -211,7 +212,8 @@ def score(corpus, spec, config, root, args) -> None:
                                       for g in (v["group"], *v["meta"].get("extended_by", []))}),
                "methods": {k: {"group": v["group"], "dampings": v["dampings"], "default_damping": v["default_damping"],
                                "meta": v["meta"]} for k, v in predictions.items()},
-               "spectrum": ctx._spectrum, "lds": table, "differences": differences, "best": best_dampings(table),
+               "spectrum": ctx._spectrum, "lds": table, "differences": differences,
+               "differences_best": differences_best, "best": best_dampings(table),
                "counterfactual": removals,
                "stages": stages.records,
                "provenance": {"checkpoint": checkpoint_record(choice["checkpoint"]), "epochs": spec.epochs,

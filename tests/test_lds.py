@@ -238,6 +238,11 @@ def _check_every_method(model, corpus, masks, losses, queries, tmp_path):
     assert d["ci_two_way"][0] <= d["difference"] <= d["ci_two_way"][1]
     assert differences["ekfac"]["identity"]["difference"] == pytest.approx(-d["difference"], abs=1e-12)
     assert differences["identity"]["ggn"]["queries"] == 2  # CG solves only the first n_solver queries
+    best_diff = lds_differences(preds, losses, resamples=50, at="best", table=table)["identity"]["ekfac"]
+    assert best_diff["difference"] == pytest.approx(best["ekfac"]["lds"] - entry["lds"], abs=1e-12)
+    assert best_diff["damping"] == best["ekfac"]["damping"] and best_diff["reference_damping"] is None
+    with pytest.raises(ValueError, match="at must be"):
+        lds_differences(preds, losses, at="best")
     assert "ekfac" not in differences["ekfac"] and set(differences["identity"]) == set(preds) - {"identity"} - {
         k for k, v in preds.items() if v["dampings"] != [None] and not any(
             math.isclose(x, v["default_damping"], rel_tol=1e-9) for x in v["dampings"])}
@@ -253,9 +258,11 @@ def _check_every_method(model, corpus, masks, losses, queries, tmp_path):
                "complete_subsets": 4, "finished_models": 8, "queries": queries, "default_damping": 1e-3,
                "methods_config": {"n_solver_queries": 2}, "lds": table, "counterfactual": None,
                "methods": {k: {"meta": v["meta"], "dampings": v["dampings"]} for k, v in preds.items()},
-               "differences": differences}
+               "differences": differences,
+               "differences_best": lds_differences(preds, losses, resamples=50, at="best", table=table)}
     text = format_lds(results)
     assert "| EK-FAC | " + f"{d['difference']:+.3f}" in text.split("Paired differences")[1]
+    assert f"at {best['ekfac']['damping']:.2g}" in text.split("Paired differences")[2]
     assert "Seed-to-seed agreement" in text and "the mean of S = 2 seeds" in text and "| EK-FAC |" in text and "multi-shift CG on 3 query columns" in text
     # the best damping against the spectrum: ratios by hand from a stated spectrum
     from ifutils.experiments.lds import best_dampings, damping_against_spectrum

@@ -207,8 +207,8 @@ def _default_index(entry: dict) -> int | None:
 
 
 def lds_differences(predictions: dict, losses: np.ndarray, references=("identity", "ekfac"), seed: int = 0,
-                    resamples: int = 1000) -> dict:
-    """Every method's LDS minus each reference's, both at their default dampings, with paired intervals
+                    resamples: int = 1000, at: str = "default", table: dict | None = None) -> dict:
+    """Every method's LDS minus each reference's, with paired intervals
     (:func:`ifutils.metrics.paired_lds_difference`): how much a curvature adds over the gradient dot product, and
     how far each one is from EK-FAC, with the noise the two share cancelled.
 
@@ -216,26 +216,42 @@ def lds_differences(predictions: dict, losses: np.ndarray, references=("identity
         predictions: of :func:`~ifutils.experiments.lds_methods.method_predictions` ("pred" (D, M, W)).
         losses: (M, S, 1 + Q) measured losses (column 0 the mean validation loss, left out here).
         references: keys of ``predictions`` to subtract (missing ones are skipped).
+        at: "default": every method (the reference too) at its default damping; "best": at the damping of its
+            highest LDS in ``table`` (chosen on the same queries: optimistic for both).
+        table: :func:`lds_table` of ``predictions`` (needed for ``at="best"``).
     Returns:
-        {reference: {key: {"difference", "ci", "ci_two_way", "per_query", "subsets", "queries"}}}, on the sentence
-        queries both methods predict (the first n_solver for CG and LiSSA); methods without a prediction at their
-        default damping (the Hessian by CG where H + lambda_0 I is indefinite) are left out.
+        {reference: {key: {"difference", "ci", "ci_two_way", "per_query", "subsets", "queries", "damping",
+        "reference_damping"}}}, on the sentence queries both methods predict (the first n_solver for CG and LiSSA);
+        methods without a prediction at their default damping (the Hessian by CG where H + lambda_0 I is
+        indefinite) are left out of ``at="default"``.
+    Raises:
+        ValueError: ``at`` not "default" or "best", or "best" without ``table``.
     """
     from ..metrics import paired_lds_difference
 
+    if at not in ("default", "best") or (at == "best" and table is None):
+        raise ValueError(f"at must be 'default' or 'best' (with the lds_table as table), got {at!r}")
+
+    def index(key, entry):
+        if at == "default":
+            return _default_index(entry)
+        names = [key if d is None else f"{key}@{d:.3g}" for d in entry["dampings"]]
+        return max(range(len(names)), key=lambda k: table[names[k]]["lds"])
+
     out = {}
     for ref in references:
-        if ref not in predictions or (j := _default_index(predictions[ref])) is None:
+        if ref not in predictions or (j := index(ref, predictions[ref])) is None:
             continue
         b, rows = predictions[ref]["pred"][j], {}
         for key, entry in predictions.items():
-            k = _default_index(entry)
+            k = index(key, entry)
             if key == ref or k is None:
                 continue
             a = entry["pred"][k]
             width = min(a.shape[1], b.shape[1])
             r = paired_lds_difference(a[:, 1:width], b[:, 1:width], losses[:, :, 1:width], seed, resamples)
-            rows[key] = {**r, "queries": width - 1}
+            rows[key] = {**r, "queries": width - 1, "damping": entry["dampings"][k],
+                         "reference_damping": predictions[ref]["dampings"][j]}
         out[ref] = rows
     return out
 
@@ -357,19 +373,25 @@ def format_lds(results: dict) -> str:
         rows.append((best["lds"], f"| {label(key)} | {shown} | {fmt(best)}{where}{mark(best)} | {h} | "
                                   f"{best['solver_queries']['lds']:.3f} | {best['validation']:.3f} |"))
     lines += [r for _, r in sorted(rows, key=lambda x: -x[0])]
-    differences = results.get("differences") or {}
-    refs = [r for r in ("identity", "ekfac") if r in differences]
-    if refs:
-        cell = lambda d: (f"{d['difference']:+.3f} {interval(d['ci'])}{two_way(d)}"  # noqa: E731
+    for field, title in (("differences", "at the default dampings"),
+                         ("differences_best", "at each method's best damping (each chosen on the same queries: "
+                                              "optimistic for both; the damping in brackets after the difference)")):
+        differences = results.get(field) or {}
+        refs = [r for r in ("identity", "ekfac") if r in differences]
+        if not refs:
+            continue
+        where = (lambda d: f" at {d['damping']:.2g}" if field == "differences_best" and d.get("damping") is not None
+                 else "")
+        cell = lambda d: (f"{d['difference']:+.3f} {interval(d['ci'])}{two_way(d)}{where(d)}"  # noqa: E731
                           + (f" on {d['queries']} queries" if d["queries"] != len(results["queries"]) else ""))
-        lines += ["", "Paired differences at the default dampings (both methods scored on the same resamples, so "
-                  "the noise they share cancels): [95 % over queries] (over subsets and queries).", "",
+        lines += ["", f"Paired differences {title} (both methods scored on the same resamples, so the noise they "
+                  "share cancels): [95 % over queries] (over subsets and queries).", "",
                   "| method | " + " | ".join(f"minus {label(r)}" for r in refs) + " |",
                   "|---|" + "---|" * len(refs)]
-        keys_d = sorted({k for r in refs for k in differences[r]} | set(refs),
-                        key=lambda k: -next((x["lds"] for x in table.values() if x["key"] == k
-                                             and (x["damping"] is None or x["default"])), -1.0))
-        for key in keys_d:
+        score = (lambda k: max((x["lds"] for x in table.values() if x["key"] == k), default=-1.0)) \
+            if field == "differences_best" else (lambda k: next(
+                (x["lds"] for x in table.values() if x["key"] == k and (x["damping"] is None or x["default"])), -1.0))
+        for key in sorted({k for r in refs for k in differences[r]} | set(refs), key=lambda k: -score(k)):
             lines.append(f"| {label(key)} | " + " | ".join(
                 "-" if key == r else cell(differences[r][key]) if key in differences[r] else "n/a" for r in refs)
                 + " |")

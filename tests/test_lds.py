@@ -190,6 +190,15 @@ def _check_every_method(model, corpus, masks, losses, queries, tmp_path):
     for k, d in enumerate(preds["ef_all_diag"]["dampings"]):
         np.testing.assert_allclose(preds["ef_all_diag"]["pred"][k], -(w @ g @ (gq / (full.d + d)).T).numpy(),
                                    rtol=1e-5)  # the float32 gradient sums
+    # EK-FAC on every training sentence, at the grid and the low dampings: its own solve
+    ekfac_all = ekfac_network_curvature(fit_network_kfac(model, train, eos, labels="model", n_fit=None, chunk_size=8,
+                                                         seed=0))
+    entry = preds["ekfac_all"]
+    assert entry["meta"]["n_fit"] == 40 and entry["dampings"][: len(ctx.dampings())] == ctx.dampings()
+    for k, d in enumerate(entry["dampings"]):
+        expected = -(w @ g @ ekfac_all.solve(gq.T, d)).numpy()
+        assert np.abs(entry["pred"][k] - expected).max() / np.abs(expected).max() < 1e-5, d
+    assert np.isfinite(preds["kfac_all"]["pred"]).all()
     # the lexical control against TF-IDF by its formula: raw counts x (ln((1 + n) / (1 + df)) + 1), rows l2-normed
     docs = lambda ss: [[t for t in x.tolist() if t != eos] for x in ss]  # noqa: E731
     vocab = sorted({t for d in docs(train) for t in d})

@@ -25,6 +25,8 @@ LABELS: dict[str, str] = {
     "ekfac": "EK-FAC",
     "kfac_ef": "KFAC (EF labels)",
     "ekfac_ef": "EK-FAC (EF labels)",
+    "kfac_all": "KFAC (every training sentence)",
+    "ekfac_all": "EK-FAC (every training sentence)",
     "hessian_cg": "Hessian (CG)",
     "hessian_lissa": "Hessian (LiSSA)",
     "arnoldi": "Hessian (Arnoldi)",

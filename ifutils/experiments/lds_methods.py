@@ -63,7 +63,7 @@ from ..network import NetworkGrads
 from ..progress import log, progress
 
 GROUPS = ("identity", "cosine", "fishers", "fishers_low", "lexical", "trak", "subset", "arnoldi", "diagonal_all",
-          "tracin", "lissa", "cg")
+          "kronecker_all", "tracin", "lissa", "cg")
 """Method groups, cheapest first (the order they run in; CG, about 100 products per query column, last)."""
 
 
@@ -71,7 +71,7 @@ LOW_DAMPINGS = (1e-12, 1e-11, 1e-10, 1e-9, 1e-8, 1e-7)
 """Absolute dampings of the ``fishers_low`` group, below the sweep of ``MethodsConfig.dampings`` (a module constant
 in that group's cache key, not a config field, so that the other groups' keys stay as they were)."""
 
-GROUP_KEYS = {"fishers_low": {"low_dampings": LOW_DAMPINGS}, "diagonal_all": {"low_dampings": LOW_DAMPINGS}}
+GROUP_KEYS = {g: {"low_dampings": LOW_DAMPINGS} for g in ("fishers_low", "diagonal_all", "kronecker_all")}
 """Settings outside :class:`MethodsConfig` that a group's cache key covers."""
 
 
@@ -559,11 +559,41 @@ def group_lissa(ctx: Context) -> dict:
     return {"hessian_lissa": {"dampings": dampings, "pred": np.stack(pred), "meta": meta}}
 
 
+def group_kronecker_all(ctx: Context) -> dict:
+    """EK-FAC and KFAC (true-Fisher labels) fit on all the training sentences (``n_fit=None``) instead of ``n_fit``:
+    the like-for-like comparison with ``diagonal_all``. At the study's dampings and :data:`LOW_DAMPINGS`, from one
+    rotation into their eigenbasis, float64 weights: -(Q^T G_m)^T diag(1 / (e + lambda)) (Q^T g_q). A damping with
+    e_min + lambda <= 0 is skipped and listed in ``meta["skipped_not_positive_definite"]``."""
+    from ..curvature.network_kfac import ekfac_network_curvature, fit_network_kfac, kfac_network_curvature
+
+    w = ctx.wconfig
+    with ctx.stages(f"KFAC + EK-FAC factors on all {len(ctx.train):,} training sentences (model labels)"):
+        factors = fit_network_kfac(ctx.model, ctx.train, ctx.eos, labels="model", mc_samples=w.mc_samples,
+                                   n_fit=None, chunk_size=w.chunk_size, seed=w.seed, cache_dir=ctx.cache_dir)
+    curvatures = [ekfac_network_curvature(factors), kfac_network_curvature(factors)]
+    dampings = [*ctx.dampings(), *(d for d in LOW_DAMPINGS
+                                   if not any(math.isclose(d, e, rel_tol=1e-9) for e in ctx.dampings()))]
+    with ctx.stages("rotate the subset sums and queries into the eigenbasis of the all-sentence KFAC"):
+        left = curvatures[0].to_eigenbasis(ctx.sums.sums.T).float()
+        right = curvatures[0].to_eigenbasis(ctx.query_grads.T).float()
+    out = {}
+    for c in curvatures:
+        e = c.eigenvalue_vector()
+        e_min = float(e.min())
+        kept = [d for d in dampings if e_min + d > 0]
+        out[f"{c.name}_all"] = {
+            "dampings": kept, "pred": np.stack([_weighted(left, right, 1 / (e + d)) for d in kept]),
+            "meta": {"mean_eigenvalue": c.mean_eigenvalue(), "n_fit": len(ctx.train), "min_eigenvalue": e_min,
+                     "zero_eigenvalues": int((e == 0).sum()),
+                     "skipped_not_positive_definite": [d for d in dampings if d not in kept]}}
+    return out
+
+
 GROUP_FUNCTIONS = {"identity": group_identity, "cosine": group_cosine, "fishers": group_fishers,
                    "fishers_low": group_fishers_low, "lexical": group_lexical, "diagonal_all": group_diagonal_all,
                    "trak": group_trak,
                    "subset": group_subset, "tracin": group_tracin, "arnoldi": group_arnoldi, "cg": group_cg,
-                   "lissa": group_lissa}
+                   "lissa": group_lissa, "kronecker_all": group_kronecker_all}
 
 
 def method_predictions(ctx: Context, on_group=None) -> dict:

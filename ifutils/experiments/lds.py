@@ -374,8 +374,8 @@ def format_lds(results: dict) -> str:
                                   f"{best['solver_queries']['lds']:.3f} | {best['validation']:.3f} |"))
     lines += [r for _, r in sorted(rows, key=lambda x: -x[0])]
     for field, title in (("differences", "at the default dampings"),
-                         ("differences_best", "at each method's best damping (each chosen on the same queries: "
-                                              "optimistic for both; the damping in brackets after the difference)")):
+                         ("differences_best", "at each method's best damping (chosen on the same queries: optimistic "
+                                              "for both; the method's damping after \"at\")")):
         differences = results.get(field) or {}
         refs = [r for r in ("identity", "ekfac") if r in differences]
         if not refs:

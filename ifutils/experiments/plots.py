@@ -333,8 +333,8 @@ def lds_vs_damping(results: dict, label: str, path: str | os.PathLike) -> plt.Fi
             ax.axhline(entries[0]["lds"], color=color, ls="--", lw=1, label=curvature_label(key))
             continue
         ds = [r["damping"] for r in entries]
-        ax.plot(ds, [r["lds"] for r in entries], marker="o", ms=3, color=color, label=curvature_label(key),
-                ls="-" if j < 10 else "-.")
+        ax.plot(ds, [r["lds"] for r in entries], marker="o" if j < 10 else "s", ms=3, color=color,
+                label=curvature_label(key), ls="-" if j < 10 else "-.")  # past 10 methods the colours repeat
         ax.fill_between(ds, [r["ci"][0] for r in entries], [r["ci"][1] for r in entries], color=color, alpha=0.1)
         for r in entries:
             if r["default"]:

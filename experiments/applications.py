@@ -20,12 +20,14 @@ import json
 import sys
 from dataclasses import asdict
 
+import numpy as np
+
 from ifutils.config import add_arguments, from_args
 from ifutils.data import load_corpus
 from ifutils.experiments import applications as app
 from ifutils.experiments.detection import DetectionConfig, rankings
 from ifutils.experiments.lds import CHOICE_FILE, model_root
-from ifutils.io import environment, load_checkpoint, project_path, resolve_device
+from ifutils.io import environment, load_checkpoint, project_path, resolve_device, weights_sha256
 from ifutils.retrain import RECORD_FILE, RetrainSpec, Unit, load_records, select_train, train_unit
 
 
@@ -38,6 +40,9 @@ def main() -> None:
     parser.add_argument("--shard", default="0/1", help="i/k: train models j with j mod k == i")
     parser.add_argument("--lds-root", default="checkpoints/lds", help="the LDS study's models")
     parser.add_argument("--results", default=None, help="default results/ptb_applications.json")
+    parser.add_argument("--archive", default="results/retrained/applications", help="folder in the repository that "
+                        "keeps a copy of every finished model's record but the unlearning retrains' (whose weights "
+                        "the score reads); commit it: a fresh clone then skips those models. 'none': no archive")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     config = from_args(app.ApplicationsConfig, args)
@@ -48,6 +53,9 @@ def main() -> None:
     choice = json.loads(choice_path.read_text())
     spec = from_args(RetrainSpec, args, epochs=choice["epochs"])
     root = model_root(project_path(args.lds_root), spec) / f"e{spec.epochs}_applications"
+    archive = None if args.archive == "none" else project_path(args.archive) / root.relative_to(
+        project_path(args.lds_root))
+    kept = lambda unit: None if unit.name.startswith("unlearn_retrain") else archive  # noqa: E731
     import torch
 
     torch.set_num_threads(spec.threads)  # --threads: 1 beside other processes (OpenMP waits thrash otherwise)
@@ -60,8 +68,18 @@ def main() -> None:
 
     wconfig = WholeNetworkConfig()
     rank_config = from_args(DetectionConfig, args, prefix="rank-")  # the rankings' settings (--rank-*)
-    ranked = rankings(full, small, spec, rank_config, wconfig, project_path("cache"),
-                      compute=args.stage != "status")
+    # the rankings the units are built from, kept in the repository once computed (a fresh clone reads them back:
+    # the same trimmed and selected sets as the archived models)
+    kept_rankings = None if archive is None else archive / "rankings"
+    needed = sorted({*config.methods, *config.buffer_methods})
+    description = {"weights_sha256": weights_sha256(full), "rank_config": asdict(rank_config),
+                   "whole_network_config": asdict(wconfig), "methods": needed}
+    ranked = app.archived_rankings(kept_rankings, description)
+    if ranked is None:
+        ranked = rankings(full, small, spec, rank_config, wconfig, project_path("cache"),
+                          compute=args.stage != "status")
+        if ranked is not None and kept_rankings is not None:
+            app.archive_rankings(kept_rankings, description, {k: ranked[0][k] for k in needed}, ranked[1])
     if ranked is None:  # status only: the units depend on the rankings, which --stage rank computes
         trained = sum(1 for _ in root.glob(f"*/{RECORD_FILE}")) if root.is_dir() else 0
         print(f"the full-data model's rankings are not computed yet (run --stage rank); {trained} application "
@@ -73,24 +91,26 @@ def main() -> None:
         return
     units, task2 = plan(corpus, small, spec, config, harm)
     if args.stage == "status":
-        done = load_records(root, [u for u, *_ in units])
+        done = load_records(root, [u for u, *_ in units], archive)
         print(f"{len(done)} of {len(units)} application models trained under {root}")
         return
     if args.stage == "train":
         import torch
 
-        from ifutils.retrain import train_each
+        from ifutils.retrain import archived_record, train_each
 
         i, k = (int(x) for x in args.shard.split("/"))
         torch.set_num_threads(spec.threads)
         mine = [u for j, u in enumerate(units) if j % k == i]
-        todo = [u for u in mine if not (root / u[0].name / RECORD_FILE).is_file()]
+        todo = [u for u in mine if not (root / u[0].name / RECORD_FILE).is_file()
+                and archived_record(kept(u[0]), u[0].name) is None]
         print(f"{len(mine)} models in shard {i}/{k}: {len(mine) - len(todo)} trained, {len(todo)} to train")
         train_each([(unit.name, lambda unit=unit, data=data, unit_spec=unit_spec, init=init, splits=splits:
-                     train_unit(data, unit_spec, unit, root, device, splits=splits, init=full if init else None))
+                     train_unit(data, unit_spec, unit, root, device, splits=splits, init=full if init else None,
+                                archive=kept(unit)))
                     for unit, data, unit_spec, init, splits in todo], f"applications (shard {i}/{k})")
         return
-    score(corpus, small, spec, config, wconfig, root, full, choice, units, task2, args, rank_config)
+    score(corpus, small, spec, config, wconfig, root, full, choice, units, task2, args, rank_config, archive)
 
 
 def plan(corpus, small, spec, config, harm):
@@ -115,7 +135,7 @@ def plan(corpus, small, spec, config, harm):
     return out, task2
 
 
-def score(corpus, small, spec, config, wconfig, root, full, choice, units, task2, args, rank_config) -> None:
+def score(corpus, small, spec, config, wconfig, root, full, choice, units, task2, args, rank_config, archive) -> None:
     from ifutils.experiments.runs import derive_name
     from ifutils.retrain import MODEL_FILE, sentence_losses
 
@@ -125,9 +145,8 @@ def score(corpus, small, spec, config, wconfig, root, full, choice, units, task2
                        {**drop(asdict(RetrainSpec(epochs=spec.epochs))), **asdict(app.ApplicationsConfig()),
                         **ranks(DetectionConfig())})
     out_path = project_path(args.results or f"results/{name}.json")
-    records = load_records(root, [u for u, *_ in units])
+    records = load_records(root, [u for u, *_ in units], archive)
     eos = corpus.vocab.stoi["<eos>"]
-    import numpy as np
 
     before = {split: float(np.exp(sentence_losses(full, corpus.splits[split], eos)[1])) for split in ("valid", "test")}
     trim = (app.perplexity_table(records, "trim", config, [None], ["none"])

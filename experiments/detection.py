@@ -56,19 +56,6 @@ def main() -> None:
     torch.set_num_threads(spec.threads)  # --threads: 1 beside other processes (OpenMP waits thrash otherwise)
     torch.set_flush_denormal(True)  # subnormal floats to zero (below 1.2e-38; no effect on the results)
     corpus = load_corpus("ptb")
-    if args.stage == "status":
-        units = detection_units(config)
-        done = [u for u in units if (root / unit_name(*u) / RECORD_FILE).is_file()]
-        print(f"{len(done)} of {len(units)} corrupted models trained under {root}")
-        return
-    if args.stage == "train":
-        try:
-            shard = tuple(int(x) for x in args.shard.split("/"))
-        except ValueError:
-            sys.exit(f"--shard must look like 0/2, got {args.shard!r}")
-        done = train_models(corpus, spec, config, root, shard, resolve_device(args.device))
-        print(f"shard {args.shard}: {len(done)} models trained")
-        return
     from ifutils.experiments.runs import derive_name
     from ifutils.experiments.whole_network import WholeNetworkConfig
 
@@ -77,18 +64,54 @@ def main() -> None:
     name = derive_name("ptb_detection", {**drop(asdict(spec)), **asdict(config)},
                        {**drop(asdict(RetrainSpec(epochs=spec.epochs))), **asdict(DetectionConfig())})
     out_path = project_path(args.results or f"results/{name}.json")
+    header = json.loads(json.dumps({"spec": drop(asdict(spec)), "config": asdict(config),
+                                    "whole_network_config": asdict(wconfig)}))
+    scored = scored_models(out_path, header)  # scored in an earlier run (committed): neither trained nor scored again
+    if args.stage == "status":
+        units = detection_units(config)
+        done = [u for u in units if (root / unit_name(*u) / RECORD_FILE).is_file() and unit_name(*u) not in scored]
+        print(f"{len(scored)} of {len(units)} corrupted models scored in {out_path}; {len(done)} more trained under "
+              f"{root}")
+        return
+    if args.stage == "train":
+        try:
+            shard = tuple(int(x) for x in args.shard.split("/"))
+        except ValueError:
+            sys.exit(f"--shard must look like 0/2, got {args.shard!r}")
+        done = train_models(corpus, spec, config, root, shard, resolve_device(args.device), skip=set(scored))
+        print(f"shard {args.shard}: {len(done)} models trained ({len(scored)} scored before, not retrained)")
+        return
 
     def write(per_model, info):
         from ifutils.experiments.detection import detection_table
 
-        out = {"spec": asdict(spec), "config": asdict(config), "whole_network_config": asdict(wconfig),
-               "table": detection_table(per_model, config), "models": info, "environment": environment()}
+        out = {**header, "spec": asdict(spec), "table": detection_table(per_model, config), "models": info,
+               "per_model": {unit_name(*key): metrics for key, metrics in per_model.items()},
+               "environment": environment()}
         atomic_write(out_path, lambda tmp: tmp.write_text(json.dumps(out, indent=1, default=float)))
         print(f"wrote {out_path} ({len(info)} models)", flush=True)
 
-    results = score_models(corpus, spec, config, wconfig, root, project_path("cache"), on_model=write)
+    results = score_models(corpus, spec, config, wconfig, root, project_path("cache"), on_model=write,
+                           scored=scored)
     for metric in ("auroc", "average_precision", "recall@0.1"):
         print(f"\n{metric}:\n{format_detection(results['table'], metric)}")
+
+
+def scored_models(path, header: dict) -> dict:
+    """{model name: {"metrics", "info"}} of the models a results file of the same spec and design already scored
+    (with its per-model metrics); empty when the file is missing or was written for another configuration."""
+    if not path.is_file():
+        return {}
+    stored = json.loads(path.read_text())
+    if {k: (drop_threads(stored.get(k)) if k == "spec" else stored.get(k)) for k in header} != header:
+        return {}
+    per_model = stored.get("per_model", {})
+    return {name: {"metrics": per_model[name], "info": info} for name, info in stored["models"].items()
+            if name in per_model}
+
+
+def drop_threads(spec):
+    return {k: v for k, v in (spec or {}).items() if k != "threads"}
 
 
 if __name__ == "__main__":

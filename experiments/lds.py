@@ -9,7 +9,9 @@ Every ``RetrainSpec`` and ``LdsConfig`` field is an option. ``--stage train`` ta
 ``--stage choose`` (``<root>/.../epochs.json``) unless ``--epochs`` is given. Every model is its own checkpoint
 under ``--root``; finished models are skipped, a killed one resumes from its last finished epoch, so the study can
 be stopped and resumed at any point; two shards run side by side on two cores, or two processes on the whole list
-(no ``--shard``): a model being trained is locked, so each process takes the next free one. Every study of issues 15
+(no ``--shard``): a model being trained is locked, so each process takes the next free one. Each finished model's
+record (its measured losses) is also kept in ``--archive`` (default ``results/retrained/lds``, committed), so a fresh
+clone skips the models of earlier sessions. Every study of issues 15
 and 16 on two workers: ``bash scripts/studies.sh``.
 """
 
@@ -24,7 +26,7 @@ import numpy as np
 
 from ifutils.config import add_arguments, from_args
 from ifutils.data import load_corpus
-from ifutils.experiments.lds import CHOICE_FILE, LdsConfig, choose_epochs, model_root, study_units, train_study
+from ifutils.experiments.lds import CHOICE_FILE, LdsConfig, choose_epochs, model_root, study_root, study_units, train_study
 from ifutils.experiments.counterfactual import CounterfactualConfig
 from ifutils.experiments.lds_methods import MethodsConfig
 from ifutils.io import project_path, resolve_device
@@ -48,6 +50,9 @@ def main() -> None:
                         "for the default configuration, results/ptb_lds_<hash>.json otherwise)")
     parser.add_argument("--shard", default="0/1", help="i/k: train units j with j mod k == i (default 0/1: all)")
     parser.add_argument("--root", default="checkpoints/lds", help="where the models live")
+    parser.add_argument("--archive", default="results/retrained/lds", help="folder in the repository that keeps a "
+                        "copy of every finished model's record (commit it: a fresh clone then skips those models); "
+                        "'none': no archive")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     config = from_args(LdsConfig, args)
@@ -68,16 +73,15 @@ def main() -> None:
     spec = from_args(RetrainSpec, args, epochs=epochs)
     if args.stage == "status":
         from ifutils.experiments.counterfactual import REMOVALS_FILE
-        from ifutils.experiments.lds import study_root
         from ifutils.retrain import load_records
 
         units = study_units(spec, config)
-        done = load_records(study_root(root, spec, config), units)
+        done = load_records(study_root(root, spec, config), units, archive_for(args, study_root(root, spec, config)))
         print(f"{len(done)} of {len(units)} subset models finished under {study_root(root, spec, config)}")
         sets_file = removal_root(root, spec) / REMOVALS_FILE
         if sets_file.is_file():
             units = removal_study(corpus, spec, config, root, args)[1]
-            done = load_records(removal_root(root, spec), units)
+            done = load_records(removal_root(root, spec), units, archive_for(args, removal_root(root, spec)))
             print(f"{len(done)} of {len(units)} removal models finished under {removal_root(root, spec)}")
         return
     if args.stage == "sets":
@@ -89,7 +93,8 @@ def main() -> None:
 
         shard = _shard(args.shard)
         _, units = removal_study(corpus, spec, config, root, args)
-        finished = run_units(corpus, spec, units, removal_root(root, spec), shard, resolve_device(args.device))
+        finished = run_units(corpus, spec, units, removal_root(root, spec), shard, resolve_device(args.device),
+                             archive_for(args, removal_root(root, spec)))
         print(f"removals shard {shard[0]}/{shard[1]}: {len(finished)} models finished")
         return
     if args.stage == "score":
@@ -102,7 +107,8 @@ def main() -> None:
         score(corpus, spec, config, root, args)
         return
     i, k = _shard(args.shard)
-    finished = train_study(corpus, spec, config, root, (i, k), resolve_device(args.device))
+    finished = train_study(corpus, spec, config, root, (i, k), resolve_device(args.device),
+                           archive_for(args, study_root(root, spec, config)))
     print(f"shard {i}/{k}: {len(finished)} models finished")
 
 
@@ -112,6 +118,16 @@ def _shard(text: str) -> tuple[int, int]:
     except ValueError:
         sys.exit(f"--shard must look like 0/2, got {text!r}")
     return i, k
+
+
+def archive_for(args, path):
+    """The archive folder of the models under ``path`` (a folder below ``--root``): ``--archive`` / the same relative
+    path, or None with ``--archive none`` (``ifutils.retrain.archive_record``)."""
+    from pathlib import Path
+
+    if args.archive == "none":
+        return None
+    return project_path(args.archive) / Path(path).relative_to(project_path(args.root))
 
 
 def removal_root(root, spec):
@@ -131,14 +147,15 @@ def _context(corpus, spec, config, root, args, stages=None):
     choice = json.loads((model_root(root, spec) / CHOICE_FILE).read_text())
     model, _, _ = load_checkpoint(choice["checkpoint"], resolve_device(args.device))
     units = study_units(spec, config)
-    records = load_records(study_root(root, spec, config), units)
+    records = load_records(study_root(root, spec, config), units, archive_for(args, study_root(root, spec, config)))
     queries = query_indices(corpus, mconfig.n_queries, config.subset_seed)
     masks, losses, _ = measured_losses(records, units, config.seeds, queries, spec.n_train)
     small = select_train(corpus, spec.n_train, range(spec.n_train))
     full = model_root(root, spec) / "full"
     checkpoints = [(str(full / f"model_epoch{h['epoch']}.pt"), h["lr"]) for h in choice["history"][: spec.epochs]]
+    kept = archive_for(args, study_root(root, spec, config))
     ctx = Context(model, small, masks, queries, mconfig, WholeNetworkConfig(), checkpoints, project_path("cache"),
-                  stages or Stages())
+                  stages or Stages(), archive_dir=None if kept is None else kept / "predictions")
     return ctx, {"choice": choice, "records": records, "losses": losses, "masks": masks, "mconfig": mconfig}
 
 
@@ -154,7 +171,7 @@ def removal_study(corpus, spec, config, root, args, ctx=None):
         scores = removal_scores(context, cf, project_path("cache/lds_removal_scores") / context.masks_key)
         return removal_sets(scores, cf, spec.n_train)
 
-    sets = load_or_write_sets(out, compute, cf)
+    sets = load_or_write_sets(out, compute, cf, archive_for(args, out))
     return sets, removal_units(sets, cf, spec.n_train)
 
 
@@ -191,13 +208,20 @@ def score(corpus, spec, config, root, args) -> None:
     mconfig, losses, masks, choice = state["mconfig"], state["losses"], state["masks"], state["choice"]
     out_path = project_path(results_path(args, spec, config, mconfig, ctx.wconfig))
     complete = int((~np.isnan(losses).any(axis=(1, 2))).sum())
+    if out_path.is_file() and not args.results and json.loads(out_path.read_text()).get("complete_subsets", 0) > complete:
+        # a fresh clone with fewer subset records than the committed results: the predictions are still computed
+        # and archived (they need only the full-data model), but the committed LDS is not replaced by a smaller one
+        out_path = project_path("cache") / f"{out_path.stem}.partial{out_path.suffix}"
+        print(f"the committed results hold more complete subsets than the {complete} here: writing {out_path} "
+              f"(no figures)")
     cf = from_args(CounterfactualConfig, args, prefix="cf-")
     removals = None
     if (removal_root(root, spec) / REMOVALS_FILE).is_file():
         _, units = removal_study(corpus, spec, config, root, args, ctx)
         removals = {"config": asdict(cf), "models": len(units),
-                    "finished": len(load_records(removal_root(root, spec), units)),
-                    "table": removal_table(load_records(removal_root(root, spec), units), cf, ctx.queries)}
+                    "finished": len(load_records(removal_root(root, spec), units, archive_for(args, removal_root(root, spec)))),
+                    "table": removal_table(load_records(removal_root(root, spec), units,
+                                                        archive_for(args, removal_root(root, spec))), cf, ctx.queries)}
         print(format_removals(removals["table"]))
 
     def write(group, predictions):
@@ -223,7 +247,7 @@ def score(corpus, spec, config, root, args) -> None:
         print(f"[{group}] wrote {out_path} ({complete} complete subsets)", flush=True)
 
     predictions = method_predictions(ctx, on_group=write)
-    if complete >= 3:
+    if complete >= 3 and out_path.parent == project_path("results"):
         from ifutils.experiments.plots import lds_by_method, lds_vs_damping
 
         results = json.loads(out_path.read_text())

@@ -50,15 +50,28 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def weights_sha256(model: torch.nn.Module) -> str:
+    """Hex SHA-256 of a model's parameters (names, shapes, dtypes and bytes, in order): the same for the same weights,
+    whatever else a checkpoint file holds (its history records wall times, so two bit-identical trainings give
+    checkpoint files of different hashes)."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        digest.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+        digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def checkpoint_record(path: str | os.PathLike) -> dict:
     """``{"path": stored_path(path), "sha256": ...}``: which checkpoint produced a results section."""
     return {"path": stored_path(path), "sha256": file_sha256(project_path(path))}
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it onto ``path``.
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, flush it to disk, then rename it onto ``path``.
 
-    A crash midway leaves the old file (or none), never a half-written one.
+    A crash midway (a killed process, or the machine going down: the data is on disk before the rename) leaves the
+    old file (or none), never a half-written one. The file gets the usual permissions (0666 minus the umask), not
+    ``mkstemp``'s 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,10 +79,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     os.close(fd)
     try:
         write(Path(tmp))
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_checkpoint(path: str | os.PathLike, model: LSTMLM, vocab: Vocabulary, **extra: Any) -> Path:

@@ -28,6 +28,14 @@ history, and ``valid_losses``, the mean token NLL (nats/token) of each validatio
 ``valid_mean``, the validation NLL per token over all tokens (log perplexity). Queries are chosen from these later:
 every validation sentence's loss is kept, so the query set can change without retraining.
 
+Records kept in the repository: a study's checkpoints live in an ignored folder that a fresh clone (or a new
+machine) does not have, and each model takes minutes, so a study that spans sessions would start over. Passing
+``archive`` (a folder inside the repository, e.g. ``results/retrained/<study>``) keeps a gzip-compressed copy of
+every finished record there, ``<archive>/<unit name>.json.gz`` (about 30 kB; written atomically, same bytes for the
+same record), to be committed. A unit whose record is in the archive is not retrained: the record is restored into
+its directory (without ``model.pt``, so only the measured losses are available; studies that need the weights
+afterwards do not pass ``archive``).
+
 Determinism: a unit's training is seeded (initialisation, batch order and dropout), so a unit resumed after a kill
 gives the same weights as an uninterrupted one on the same machine and thread count (tests/test_retrain.py).
 """
@@ -52,9 +60,9 @@ from .model import ModelConfig, sentence_loss
 from .progress import log, progress
 from .train import TrainConfig, train_language_model
 
-__all__ = ["RECORD_FILE", "MODEL_FILE", "LOCK_FILE", "RetrainSpec", "Unit", "random_subsets", "select_train",
-           "sentence_losses", "train_unit", "train_each", "run_units", "load_records",
-           "wait_for_units"]
+__all__ = ["RECORD_FILE", "MODEL_FILE", "LOCK_FILE", "ARCHIVE_SUFFIX", "RetrainSpec", "Unit", "random_subsets",
+           "select_train", "sentence_losses", "train_unit", "train_each", "run_units", "load_records",
+           "wait_for_units", "archive_record", "archived_record", "archive_records"]
 
 RECORD_FILE, MODEL_FILE = "record.json", "model.pt"
 
@@ -172,10 +180,52 @@ def sentence_losses(model, sentences: list[torch.Tensor], eos_id: int, batch_siz
 
 
 LOCK_FILE = "train.lock"
+ARCHIVE_SUFFIX = ".json.gz"
 
 
 def _record_path(root: Path, unit: Unit) -> Path:
     return root / unit.name / RECORD_FILE
+
+
+def archive_record(archive: str | os.PathLike, name: str, record: dict) -> Path:
+    """Write ``record`` to ``<archive>/<name>.json.gz`` atomically (gzip without a timestamp: the same record gives
+    the same bytes, so re-archiving leaves git nothing to commit). Returns the path."""
+    import gzip
+
+    data = gzip.compress(json.dumps(record, sort_keys=True).encode(), compresslevel=9, mtime=0)
+    return atomic_write(Path(archive) / f"{name}{ARCHIVE_SUFFIX}", lambda tmp: tmp.write_bytes(data))
+
+
+def archived_record(archive: str | os.PathLike | None, name: str, identity: dict | None = None) -> dict | None:
+    """The record of unit ``name`` in ``archive`` (:func:`archive_record`), or None when there is none.
+
+    Raises:
+        ValueError: ``identity`` given and the archived record was written for other indices, seed or configuration
+            (an archive folder belongs to one design: pick another).
+    """
+    import gzip
+
+    if archive is None:
+        return None
+    path = Path(archive) / f"{name}{ARCHIVE_SUFFIX}"
+    if not path.is_file():
+        return None
+    record = json.loads(gzip.decompress(path.read_bytes()))
+    if identity is not None and {k: record.get(k) for k in identity} != identity:
+        raise ValueError(f"{path} was written for other indices, seed or configuration; pick another archive")
+    return record
+
+
+def archive_records(root: str | os.PathLike, units: Sequence[Unit], archive: str | os.PathLike) -> list[str]:
+    """Copy the finished records of ``units`` under ``root`` that ``archive`` lacks into it (units trained before
+    the study had an archive). Returns the names copied."""
+    copied = []
+    for u in units:
+        path = _record_path(Path(root), u)
+        if path.is_file() and archived_record(archive, u.name) is None:
+            archive_record(archive, u.name, json.loads(path.read_text()))
+            copied.append(u.name)
+    return copied
 
 
 def _try_lock(directory: Path):
@@ -280,7 +330,7 @@ def train_each(jobs, desc: str) -> tuple[list[str], list[str]]:
 
 def train_unit(corpus: Corpus, spec: RetrainSpec, unit: Unit, root: str | os.PathLike,
                device: str | torch.device = "cpu", splits: tuple[str, ...] = ("valid",),
-               init: torch.nn.Module | None = None) -> dict | None:
+               init: torch.nn.Module | None = None, archive: str | os.PathLike | None = None) -> dict | None:
     """Train one unit (or resume it, or skip it when finished) and measure its validation losses.
 
     A unit that another process is training (its ``train.lock`` held, module docstring) is skipped: None is returned
@@ -293,18 +343,27 @@ def train_unit(corpus: Corpus, spec: RetrainSpec, unit: Unit, root: str | os.Pat
         splits: the splits whose per-sentence losses are recorded (``<split>_losses``, ``<split>_mean``); "valid"
             always. The test split is only ever measured, never used for a choice.
         init: starting weights (continued training, :func:`ifutils.train.train_language_model`); None: seeded.
+        archive: a folder in the repository that keeps a copy of every finished record (module docstring); a unit
+            archived there is restored, not retrained. None: no archive.
     Returns:
-        the unit's record (see the module docstring); read from disk when the unit was finished before; None when
-        another process holds the unit's lock.
+        the unit's record (see the module docstring); read from disk when the unit was finished before (or from
+        the archive); None when another process holds the unit's lock.
     Raises:
-        ValueError: bad indices (:func:`select_train`); a record or checkpoint of this unit's directory written for
-            other indices, seed or configuration (pick another root).
+        ValueError: bad indices (:func:`select_train`); a record, archived record or checkpoint of this unit written
+            for other indices, seed or configuration (pick another root or archive).
     """
     root = Path(root)
     path = _record_path(root, unit)
     identity = {"indices": fingerprint(sorted(unit.indices)), "seed": unit.seed, "spec": spec.identity()}
     if path.is_file():
-        return _read_record(path, identity)
+        record = _read_record(path, identity)
+        if archive is not None and archived_record(archive, unit.name) is None:
+            archive_record(archive, unit.name, record)
+        return record
+    stored = archived_record(archive, unit.name, identity)
+    if stored is not None:  # finished in an earlier session: restore the record, keep the weights unneeded
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(stored)))
+        return stored
     data = select_train(corpus, spec.n_train, unit.indices)  # bad indices raise before anything is written
     lock = _try_lock(root / unit.name)
     if lock is None:
@@ -312,9 +371,12 @@ def train_unit(corpus: Corpus, spec: RetrainSpec, unit: Unit, root: str | os.Pat
     try:
         if path.is_file():  # finished by another process between the check and the lock
             return _read_record(path, identity)
-        return _train_locked(data, corpus, spec, unit, root, device, splits, init, identity)
+        record = _train_locked(data, corpus, spec, unit, root, device, splits, init, identity)
     finally:
         lock.close()
+    if archive is not None:
+        archive_record(archive, unit.name, record)
+    return record
 
 
 def _read_record(path: Path, identity: dict) -> dict:
@@ -340,7 +402,8 @@ def _train_locked(data, corpus, spec, unit, root, device, splits, init, identity
 
 
 def run_units(corpus: Corpus, spec: RetrainSpec, units: Sequence[Unit], root: str | os.PathLike,
-              shard: tuple[int, int] = (0, 1), device: str | torch.device = "cpu") -> list[str]:
+              shard: tuple[int, int] = (0, 1), device: str | torch.device = "cpu",
+              archive: str | os.PathLike | None = None) -> list[str]:
     """Train every unit of this shard (unit j belongs to shard j mod k), skipping finished ones and those another
     process is training (module docstring), with progress.
 
@@ -349,6 +412,7 @@ def run_units(corpus: Corpus, spec: RetrainSpec, units: Sequence[Unit], root: st
 
     Args:
         shard: (i, k), 0 <= i < k: this process's share of the units.
+        archive: the study's archive of records (:func:`train_unit`); archived units are restored, not trained.
     Returns:
         the names of this shard's units that are finished when it returns.
     Raises:
@@ -363,18 +427,27 @@ def run_units(corpus: Corpus, spec: RetrainSpec, units: Sequence[Unit], root: st
         raise ValueError("unit names must be distinct")
     torch.set_num_threads(spec.threads)
     mine = [u for j, u in enumerate(units) if j % k == i]
+    if archive is not None:
+        archive_records(root, mine, archive)  # units finished before the study had an archive
+        for u in mine:  # archived ones restored (not trained) before the progress bar, which counts only trainings
+            if not _record_path(Path(root), u).is_file() and archived_record(archive, u.name) is not None:
+                train_unit(corpus, spec, u, root, device, archive=archive)
     todo = [u for u in mine if not _record_path(Path(root), u).is_file()]
     log(f"{len(mine)} units in shard {i}/{k}: {len(mine) - len(todo)} finished, {len(todo)} to train")
-    train_each([(u.name, lambda u=u: train_unit(corpus, spec, u, root, device)) for u in todo],
+    train_each([(u.name, lambda u=u: train_unit(corpus, spec, u, root, device, archive=archive)) for u in todo],
                f"retraining (shard {i}/{k})")
     return [u.name for u in mine if _record_path(Path(root), u).is_file()]
 
 
-def load_records(root: str | os.PathLike, units: Sequence[Unit]) -> dict[str, dict]:
-    """The records of the finished units, by name (units without a record are left out)."""
+def load_records(root: str | os.PathLike, units: Sequence[Unit],
+                 archive: str | os.PathLike | None = None) -> dict[str, dict]:
+    """The records of the finished units, by name: under ``root``, else in ``archive`` (:func:`archive_record`);
+    units without a record are left out."""
     out = {}
     for u in units:
         path = _record_path(Path(root), u)
         if path.is_file():
             out[u.name] = json.loads(path.read_text())
+        elif (stored := archived_record(archive, u.name)) is not None:
+            out[u.name] = stored
     return out

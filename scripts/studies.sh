@@ -6,11 +6,15 @@
 # the other worker takes the next one. Worker a only trains (a model takes about 1 GiB); worker b runs the scoring
 # stages one after the other (each up to 14 GiB: never two at once on 24 GiB), then trains too:
 #   a: LDS subset models -> removal models -> corrupted models -> application models (once the rankings exist)
-#   b: LDS subset models -> LDS score -> detection score -> application rankings -> removal models -> application
-#      models
+#   b: corrupted models -> detection score -> LDS predictions (--stage score: they need only the full-data model) ->
+#      application rankings -> LDS subset models -> removal models -> application models
 # then the application score and the final LDS and detection scores (every cached group is read back). A stage that
 # fails is logged (logs/studies_failed.txt) and its worker goes on; the script then exits 1. One instance at a time
 # (logs/studies.lock). STUDIES_POLL_S, STUDIES_TICK_S: the waits between checks (tests/test_studies_script.py).
+# Across sessions: every finished model's record, the LDS predictions of each method group, the applications'
+# rankings (results/retrained/) and each scored corrupted model (results/ptb_detection.json) are kept in the
+# repository; commit them as they come (git add results/retrained results/ptb_detection.json) and a fresh clone
+# skips that work. The checkpoints/ and cache/ folders are not kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=.venv/bin/python
@@ -32,11 +36,11 @@ rankings_or_b_ended() {  # worker a's wait: 0 once the rankings exist (status ex
 }
 
 worker_b() {
-  run $py experiments/lds.py --stage train
-  run $py experiments/lds.py --stage score
   run $py experiments/detection.py --stage train
   run $py experiments/detection.py --stage score
+  run $py experiments/lds.py --stage score
   run $py experiments/applications.py --stage rank
+  run $py experiments/lds.py --stage train
   run $py experiments/lds.py --stage removals
   run $py experiments/applications.py --stage train
 }

@@ -102,3 +102,18 @@ def test_perplexity_table_equals_a_loop_over_records():
     expected = [np.exp(records[f"trim_random_5_s{s}"]["valid_mean"]) for s in (0, 1)]
     assert r["valid_ppl"]["mean"] == pytest.approx(np.mean(expected)) and r["valid_ppl"]["std"] == pytest.approx(np.std(expected))
     assert "| 5 | random | 2 |" in app.format_perplexity(rows, "percent removed")
+
+
+def test_rankings_kept_in_the_repository_are_read_back_for_the_same_model_only(tmp_path):
+    """The rankings the application units are built from: archived once, read back bit for bit (a fresh clone
+    trims and selects the same sentences as the archived models), refused for another model's weights."""
+    rng = np.random.default_rng(0)
+    scores = {"valid:ekfac": rng.normal(size=50), "train_loss": rng.normal(size=50)}
+    description = {"weights_sha256": "ab" * 32, "methods": sorted(scores)}
+    base = tmp_path / "archive" / "rankings"
+    assert app.archived_rankings(base, description) is None
+    app.archive_rankings(base, description, scores, {"damping": 1e-6, "subset_damping": 1e-3})
+    back, dampings = app.archived_rankings(base, description)
+    assert dampings == {"damping": 1e-6, "subset_damping": 1e-3} and back.keys() == scores.keys()
+    assert all(np.array_equal(back[k], scores[k]) and back[k].dtype == np.float64 for k in scores)
+    assert app.archived_rankings(base, {**description, "weights_sha256": "cd" * 32}) is None

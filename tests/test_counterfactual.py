@@ -93,3 +93,10 @@ def test_the_sets_file_is_written_once_and_guards_its_design(tmp_path):
     assert json.loads((tmp_path / "removals.json").read_text())["config"]["ks"] == [2, 5]
     with pytest.raises(ValueError, match="another design"):
         load_or_write_sets(tmp_path, compute, CounterfactualConfig(n_queries=2, ks=(2, 5), seeds=(0, 1)))
+    # kept in the repository's archive: a fresh clone (no checkpoints folder) reads the same sets back
+    archive = tmp_path / "archive"
+    assert load_or_write_sets(tmp_path, compute, config, archive) == first and calls == [1]
+    assert (archive / "removals.json").read_bytes() == (tmp_path / "removals.json").read_bytes()
+    assert load_or_write_sets(tmp_path / "fresh_clone", compute, config, archive) == first and calls == [1]
+    assert load_or_write_sets(tmp_path / "other", compute, config, tmp_path / "archive2") == first and calls == [1, 1]
+    assert (tmp_path / "archive2" / "removals.json").is_file()

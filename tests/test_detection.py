@@ -60,6 +60,16 @@ def test_detection_study_on_a_tiny_corpus(tmp_path):
                                        atol=1e-6)
             np.testing.assert_allclose(ranks["grad_l2"], (g * g).sum(1).numpy(), rtol=1e-3)
     assert out["table"]["repeat"]["rankings"]["self:ekfac"]["auroc"]["mean"] == pytest.approx(np.mean(values))
+    # a later session on a fresh clone: the models scored before (the results file's per_model) are neither
+    # loaded nor scored again, and the table is unchanged; the train stage skips them
+    import shutil
+
+    scored = {name: {"metrics": out["per_model"][name], "info": out["models"][name]} for name in out["models"]}
+    shutil.rmtree(tmp_path / "m" / "repeat_s1")
+    again = score_models(corpus, spec, config, wconfig, tmp_path / "m", tmp_path / "no_cache", scored=scored)
+    assert again["table"] == out["table"] and not (tmp_path / "no_cache").exists()
+    assert train_models(corpus, spec, config, tmp_path / "m", skip=set(scored)) == []
+    assert not (tmp_path / "m" / "repeat_s1").exists()
     text = format_detection(out["table"], "recall@0.1")
     assert "self-influence, EK-FAC" in text and "OGA: isolation forest" in text and len(text.splitlines()) == 2 + 16
 

@@ -2,6 +2,7 @@
 where exact influence must predict the retrained losses (LDS >= 0.95)."""
 
 import math
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -152,7 +153,7 @@ def _check_every_method(model, corpus, masks, losses, queries, tmp_path):
                             cg_max_iter=400, arnoldi_rank=4, lissa_depth=20, lissa_batch=5, k_out=2, k_in=2,
                             subset_coords=6)
     ctx = Context(model, corpus, masks, queries, mconfig, wconfig, [(str(ckpt), 0.5), (str(ckpt2), 0.25)],
-                  tmp_path / "cache", Stages())
+                  tmp_path / "cache", Stages(), archive_dir=tmp_path / "archive")
     seen = []
     preds = method_predictions(ctx, on_group=lambda name, _: seen.append(name))
     assert seen == list(GROUPS)
@@ -297,3 +298,21 @@ def _check_every_method(model, corpus, masks, losses, queries, tmp_path):
     second = method_predictions(again)
     assert not any(name.startswith("method group") for name in again.stages.records)
     np.testing.assert_array_equal(second["ekfac"]["pred"], preds["ekfac"]["pred"])
+    # a fresh clone (no cache): every group is read back from the archive kept in the repository, identical
+    assert sorted(p.stem for p in (tmp_path / "archive").glob("*.json")) == sorted(GROUPS)
+    fresh = Context(model, corpus, masks, queries, mconfig, wconfig, [(str(ckpt), 0.5), (str(ckpt2), 0.25)],
+                    None, Stages(), archive_dir=tmp_path / "archive")
+    third = method_predictions(fresh)
+    assert not any(name.startswith("method group") for name in fresh.stages.records)
+    assert third.keys() == preds.keys()
+    for key in preds:
+        np.testing.assert_array_equal(third[key]["pred"], preds[key]["pred"])
+        assert third[key]["dampings"] == preds[key]["dampings"] and third[key]["meta"] == preds[key]["meta"]
+    # another design (other masks) does not take the archived predictions: the group is computed again
+    other_masks = masks.copy()
+    other_masks[0] = ~other_masks[0]
+    mconfig_one = MethodsConfig(**{**asdict(mconfig), "groups": ("identity",)})
+    moved = Context(model, corpus, other_masks, queries, mconfig_one, wconfig, [(str(ckpt), 0.5)], None, Stages(),
+                    archive_dir=tmp_path / "archive")
+    assert np.abs(method_predictions(moved)["identity"]["pred"][0] - preds["identity"]["pred"][0]).max() > 0
+    assert any(name.startswith("method group") for name in moved.stages.records)

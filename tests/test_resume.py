@@ -99,13 +99,20 @@ def test_scoring_with_monte_carlo_fisher_is_bitwise_deterministic():
     assert torch.equal(f1, f2) and torch.equal(s1, s2)
 
 
-def test_atomic_write_leaves_the_old_file_when_the_writer_fails(tmp_path):
+def test_atomic_write_leaves_the_old_file_when_the_writer_fails_and_gives_umask_permissions(tmp_path):
+    import os
+    import stat
+
     from ifutils.io import atomic_write
 
     target = tmp_path / "record.json"
     atomic_write(target, lambda tmp: tmp.write_text("old"))
-    atomic_write(target, lambda tmp: tmp.write_text("new"))
-    assert target.read_text() == "new"
+    mask = os.umask(0o022)
+    try:
+        atomic_write(target, lambda tmp: tmp.write_text("new"))
+    finally:
+        os.umask(mask)
+    assert target.read_text() == "new" and stat.S_IMODE(target.stat().st_mode) == 0o644  # not mkstemp's 0600
 
     def half_then_fail(tmp):
         tmp.write_text("half")
@@ -114,3 +121,21 @@ def test_atomic_write_leaves_the_old_file_when_the_writer_fails(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         atomic_write(target, half_then_fail)
     assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["record.json"]  # no temp left
+
+
+def test_weights_sha256_names_the_weights_not_the_checkpoint_file(tmp_path):
+    """Two files of the same weights with other histories (wall times): the file hashes differ, the weights' do not;
+    one changed weight changes it."""
+    import copy
+
+    from ifutils.io import file_sha256, weights_sha256
+
+    model = tiny_model()
+    twin = copy.deepcopy(model)
+    torch.save({"state_dict": model.state_dict(), "history": [{"seconds": 1.0}]}, tmp_path / "a.pt")
+    torch.save({"state_dict": twin.state_dict(), "history": [{"seconds": 2.0}]}, tmp_path / "b.pt")
+    assert file_sha256(tmp_path / "a.pt") != file_sha256(tmp_path / "b.pt")
+    assert weights_sha256(model) == weights_sha256(twin)
+    with torch.no_grad():
+        next(twin.parameters()).view(-1)[0] += 1e-7
+    assert weights_sha256(twin) != weights_sha256(model)

@@ -70,6 +70,37 @@ def test_a_finished_unit_is_skipped_and_its_record_returned(tmp_path, monkeypatc
         train_unit(toy_corpus(), SPEC, Unit("m000_s0", tuple(range(1, 50, 2)), 0), tmp_path)
 
 
+def test_an_archived_unit_is_restored_on_a_fresh_clone_without_training_and_archiving_is_byte_stable(tmp_path,
+                                                                                                 monkeypatch):
+    """A study spanning sessions: the checkpoints folder is gone (a fresh clone), the archive in the repository
+    holds the record; run_units restores it and trains only the unit the archive lacks; load_records reads either."""
+    from ifutils.retrain import archive_records, archived_record, load_records
+
+    a, b = Unit("a", tuple(range(0, 50, 2)), 0), Unit("b", tuple(range(1, 50, 2)), 1)
+    archive = tmp_path / "repo" / "results" / "retrained"
+    first = train_unit(toy_corpus(), SPEC, a, tmp_path / "old_clone", archive=archive)
+    blob = (archive / "a.json.gz").read_bytes()
+    assert archived_record(archive, "a") == json.loads(json.dumps(first))
+    assert archive_records(tmp_path / "old_clone", [a], archive) == [] and (archive / "a.json.gz").read_bytes() == blob
+    trained = []
+    real = retrain.train_language_model
+    monkeypatch.setattr(retrain, "train_language_model", lambda data, *args, **kw: trained.append(
+        len(data.splits["train"])) or real(data, *args, **kw))
+    assert run_units(toy_corpus(), SPEC, [a, b], tmp_path / "new_clone", archive=archive) == ["a", "b"]
+    assert trained == [25]  # only b was trained
+    assert not (tmp_path / "new_clone" / "a" / "model.pt").exists()
+    assert load_records(tmp_path / "new_clone", [a, b])["a"]["valid_losses"] == first["valid_losses"]
+    assert set(load_records(tmp_path / "elsewhere", [a, b], archive)) == {"a", "b"}
+    with pytest.raises(ValueError, match="pick another archive"):
+        train_unit(toy_corpus(), SPEC, Unit("a", tuple(range(1, 50, 2)), 0), tmp_path / "third", archive=archive)
+    # a record trained before the study had an archive is copied into it by run_units
+    c = Unit("c", tuple(range(0, 50, 5)), 2)
+    train_unit(toy_corpus(), SPEC, c, tmp_path / "new_clone")
+    assert archived_record(archive, "c") is None
+    run_units(toy_corpus(), SPEC, [a, b, c], tmp_path / "new_clone", archive=archive)
+    assert archived_record(archive, "c")["seed"] == 2 and trained == [25, 10]
+
+
 def test_a_unit_killed_mid_training_resumes_to_the_weights_and_losses_of_an_uninterrupted_one(tmp_path, one_thread):
     """SIGKILL right after the first epoch's checkpoint (inside run_units); the rerun finishes the same unit, and
     its weights and validation losses equal an uninterrupted run's bit for bit."""

@@ -38,6 +38,7 @@ import torch
 
 from ..config import param, validate_fields
 from ..data import Corpus
+from ..progress import log
 from ..retrain import RetrainSpec, Unit
 
 HARM_METHODS = ("valid:ekfac", "valid:ef_diag", "valid:identity", "grad_l2", "train_loss")
@@ -312,3 +313,32 @@ def save_json(path: Path, data: dict) -> None:
     from ..io import atomic_write
 
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1, default=float)))
+
+
+def archived_rankings(base, description: dict):
+    """(scores, dampings) kept by :func:`archive_rankings` at ``base`` (``base.npz``, ``base.json``; a Path) for the
+    same description, or None (absent, or written for another model or setting)."""
+    if base is None or not base.with_suffix(".json").is_file() or not base.with_suffix(".npz").is_file():
+        return None
+    stored = json.loads(base.with_suffix(".json").read_text())
+    if stored["description"] != json.loads(json.dumps(description)):
+        log(f"{base}.json was written for another model or setting: the rankings are computed again")
+        return None
+    with np.load(base.with_suffix(".npz")) as arrays:
+        return {k: arrays[k] for k in stored["description"]["methods"]}, stored["dampings"]
+
+
+def archive_rankings(base, description: dict, scores: dict, dampings: dict) -> None:
+    """Keep the rankings the application units are built from in the repository: ``<base>.npz`` (each method's
+    (n_train,) float64 harm scores) and ``<base>.json`` (the description: checkpoint hash and settings; and the
+    dampings), written atomically, the JSON last. ``scores``: {method: (n_train,) float64}; ``description``: JSON
+    values (the entry point names the full-data model's ``weights_sha256`` and the settings)."""
+    from ..io import atomic_write
+
+    def write_arrays(tmp):
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, **scores)
+
+    atomic_write(base.with_suffix(".npz"), write_arrays)
+    atomic_write(base.with_suffix(".json"), lambda tmp: tmp.write_text(
+        json.dumps({"description": description, "dampings": dampings}, indent=1)))

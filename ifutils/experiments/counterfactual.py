@@ -91,13 +91,22 @@ def removal_units(sets: dict, config: CounterfactualConfig, n_train: int) -> lis
     return units
 
 
-def load_or_write_sets(root: Path, compute, config: CounterfactualConfig) -> dict:
+def load_or_write_sets(root: Path, compute, config: CounterfactualConfig, archive: Path | None = None) -> dict:
     """The removal sets of ``root/removals.json``; computed by ``compute()`` and written when the file is absent.
+
+    ``archive``: a folder in the repository that keeps a copy of the file (:mod:`ifutils.retrain`); when ``root``
+    lacks the file and the archive has it, it is copied back instead of computed (the sets of a fresh clone are the
+    ones the archived removal models were trained on).
 
     Raises:
         ValueError: the file was written for another design (pick another root).
     """
     path = Path(root) / REMOVALS_FILE
+    kept = Path(archive) / REMOVALS_FILE if archive is not None else None
+    if not path.is_file() and kept is not None and kept.is_file():
+        atomic_write(path, lambda tmp: tmp.write_bytes(kept.read_bytes()))
+    if kept is not None and path.is_file() and not kept.is_file():
+        atomic_write(kept, lambda tmp: tmp.write_bytes(path.read_bytes()))
     if path.is_file():
         stored = json.loads(path.read_text())
         if stored["config"] != json.loads(json.dumps(asdict(config))):
@@ -107,7 +116,9 @@ def load_or_write_sets(root: Path, compute, config: CounterfactualConfig) -> dic
         sets["random"] = {int(k): v for k, v in sets["random"].items()}
         return sets
     sets = compute()
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps({"config": asdict(config), "sets": sets})))
+    text = json.dumps({"config": asdict(config), "sets": sets})
+    for target in (path, kept) if kept is not None else (path,):
+        atomic_write(target, lambda tmp: tmp.write_text(text))
     return sets
 
 

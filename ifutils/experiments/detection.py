@@ -83,14 +83,15 @@ def unit_name(kind: str, seed: int) -> str:
 
 
 def train_models(corpus: Corpus, spec: RetrainSpec, config: DetectionConfig, root: Path, shard=(0, 1),
-                 device="cpu") -> list[str]:
-    """Train (or resume, or skip) every model of this shard (unit j belongs to shard j mod k); returns the names of
-    the shard's models finished here or before (a model another process is training is left to it)."""
+                 device="cpu", skip: set[str] = frozenset()) -> list[str]:
+    """Train (or resume, or skip) every model of this shard (unit j belongs to shard j mod k) but those named in
+    ``skip`` (scored before); returns the names of the shard's models finished here or before (a model another
+    process is training is left to it)."""
     from ..retrain import train_each
 
     torch.set_num_threads(spec.threads)
     i, k = shard
-    mine = [u for j, u in enumerate(detection_units(config)) if j % k == i]
+    mine = [u for j, u in enumerate(detection_units(config)) if j % k == i and unit_name(*u) not in skip]
 
     def job(kind, seed):
         data, _ = corrupted_corpus(corpus, spec, config, kind, seed)
@@ -216,8 +217,17 @@ def detection_table(per_model: dict[tuple[str, int], dict], config: DetectionCon
 
 
 def score_models(corpus: Corpus, spec: RetrainSpec, config: DetectionConfig, wconfig, root: Path, cache_dir,
-                 on_model=None) -> dict:
-    """Rankings and detection metrics of every trained model (models not trained yet are left out)."""
+                 on_model=None, scored: dict | None = None) -> dict:
+    """Rankings and detection metrics of every trained model (models not trained yet are left out).
+
+    Args:
+        on_model: called as ``on_model(per_model, info)`` after each model (to write the results file).
+        scored: {model name: {"metrics": {ranking: detection_metrics dict}, "info": dict}} of models scored in an
+            earlier run (the ``per_model`` and ``models`` of a results file of the same design): kept as they are,
+            neither loaded nor scored again (their checkpoints may be gone: a fresh clone).
+    Returns:
+        {"table": :func:`detection_table`, "models": {name: info}, "per_model": {name: {ranking: metrics}}}.
+    """
     from ..io import load_checkpoint
     from ..retrain import MODEL_FILE, RECORD_FILE
     from .whole_network import Stages
@@ -225,6 +235,9 @@ def score_models(corpus: Corpus, spec: RetrainSpec, config: DetectionConfig, wco
     per_model, info = {}, {}
     for kind, seed in detection_units(config):
         name = unit_name(kind, seed)
+        if scored and name in scored:
+            per_model[(kind, seed)], info[name] = scored[name]["metrics"], scored[name]["info"]
+            continue
         if not (root / name / RECORD_FILE).is_file():
             continue
         data, chosen = corrupted_corpus(corpus, spec, config, kind, seed)
@@ -240,7 +253,8 @@ def score_models(corpus: Corpus, spec: RetrainSpec, config: DetectionConfig, wco
                       "valid_ppl": float(np.exp(record["valid_mean"])), "stages": stages.records}
         if on_model is not None:
             on_model(per_model, info)
-    return {"table": detection_table(per_model, config), "models": info}
+    return {"table": detection_table(per_model, config), "models": info,
+            "per_model": {unit_name(*key): metrics for key, metrics in per_model.items()}}
 
 
 def _check_metric(metric: str) -> None:

@@ -97,11 +97,12 @@ def study_root(root: str | Path, spec: RetrainSpec, config: LdsConfig) -> Path:
 
 
 def train_study(corpus: Corpus, spec: RetrainSpec, config: LdsConfig, root: str | Path, shard=(0, 1),
-                device="cpu") -> list[str]:
-    """Stage 2: every unit of this shard (see :func:`ifutils.retrain.run_units`)."""
+                device="cpu", archive: str | Path | None = None) -> list[str]:
+    """Stage 2: every unit of this shard (see :func:`ifutils.retrain.run_units`; ``archive``: the records kept in
+    the repository, whose units are restored instead of trained)."""
     from ..retrain import run_units
 
-    return run_units(corpus, spec, study_units(spec, config), study_root(root, spec, config), shard, device)
+    return run_units(corpus, spec, study_units(spec, config), study_root(root, spec, config), shard, device, archive)
 
 
 __all__ = ["LdsConfig", "choose_epochs", "study_root", "study_units", "train_study", "train_unit"]

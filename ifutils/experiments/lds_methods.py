@@ -112,12 +112,13 @@ class Context:
     training set, the fit sentences, the default damping, the Lanczos spectrum."""
 
     def __init__(self, model, corpus, masks: np.ndarray, queries: list[int], config: MethodsConfig, wconfig,
-                 checkpoints: list[tuple[str, float]], cache_dir, stages):
+                 checkpoints: list[tuple[str, float]], cache_dir, stages, archive_dir=None):
         from ..curvature.network_kfac import _fit_sentences
 
         self.model, self.corpus, self.masks, self.queries = model.eval(), corpus, masks, queries
         self.config, self.wconfig, self.checkpoints, self.stages = config, wconfig, checkpoints, stages
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.archive_dir = None if archive_dir is None else Path(archive_dir)
         self.eos = corpus.vocab.stoi["<eos>"]
         self.train = corpus.splits["train"][: masks.shape[1]]
         self.valid = corpus.splits["valid"]
@@ -596,8 +597,58 @@ GROUP_FUNCTIONS = {"identity": group_identity, "cosine": group_cosine, "fishers"
                    "lissa": group_lissa, "kronecker_all": group_kronecker_all}
 
 
+def _group_description(ctx: Context, name: str) -> dict:
+    """What a group's predictions depend on, but the code: the weights, masks, queries and every setting."""
+    from ..io import weights_sha256
+
+    return json.loads(json.dumps({
+        "group": name, "weights": weights_sha256(ctx.model)[:16], "masks": ctx.masks_key, "queries": ctx.queries,
+        "whole_network": {k: getattr(ctx.wconfig, k) for k in ("n_fit", "seed", "mc_samples", "alpha")},
+        "methods": {k: v for k, v in asdict(ctx.config).items() if k not in ("groups", "n_queries")},
+        "n_queries": ctx.config.n_queries, **GROUP_KEYS.get(name, {})}, default=float))
+
+
+def archived_group(archive_dir, description: dict) -> dict | None:
+    """A method group's predictions kept in the repository by :func:`archive_group`, or None when absent or written
+    for another description (another model, design or setting)."""
+    if archive_dir is None:
+        return None
+    path = Path(archive_dir) / f"{description['group']}.json"
+    if not path.is_file() or not path.with_suffix(".npz").is_file():
+        return None
+    stored = json.loads(path.read_text())
+    if stored["description"] != description:
+        log(f"{path} was written for another model or setting: group {description['group']} is computed again")
+        return None
+    with np.load(path.with_suffix(".npz")) as arrays:
+        return {k: {**v, "pred": torch.as_tensor(arrays[k])} for k, v in stored["entries"].items()}
+
+
+def archive_group(archive_dir, description: dict, stored: dict) -> None:
+    """Keep a method group's predictions in the repository: ``<group>.npz`` (the (D, M, W) float64 predictions, by
+    method key) and ``<group>.json`` (the description and each key's dampings and meta), written atomically, the
+    JSON last. The predictions need only the full-data model, so they are computed once, in any session, whether
+    or not the subset models exist; the LDS then only reads them back. A few hundred kB per group."""
+    from ..io import atomic_write
+
+    base = Path(archive_dir) / description["group"]
+    arrays = {k: v["pred"].double().numpy() for k, v in stored.items()}
+    def write_arrays(tmp):
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+
+    atomic_write(base.with_suffix(".npz"), write_arrays)
+    entries = {k: {"dampings": v["dampings"], "meta": v["meta"]} for k, v in stored.items()}
+    atomic_write(base.with_suffix(".json"), lambda tmp: tmp.write_text(
+        json.dumps({"description": description, "entries": entries}, indent=1)))
+
+
 def method_predictions(ctx: Context, on_group=None) -> dict:
     """Run (or read back) every group of ``ctx.config.groups``, in :data:`GROUPS` order.
+
+    A group is read back from ``ctx.archive_dir`` (the predictions kept in the repository, :func:`archive_group`)
+    when it is there for the same model, design and settings, else from the cache, else computed; a group computed
+    or read from the cache is then archived.
 
     Args:
         ctx: the :class:`Context`. on_group: optional callback(name, results so far) after each group (the
@@ -613,7 +664,11 @@ def method_predictions(ctx: Context, on_group=None) -> dict:
         cache = ctx.cache(f"group {name}", ["ifutils.datamodels", fn, Context, _weighted],
                           {"methods": {k: v for k, v in asdict(ctx.config).items() if k != "groups"},
                            **GROUP_KEYS.get(name, {})})
-        stored = cache.get("result") if cache is not None else None
+        description = _group_description(ctx, name) if ctx.archive_dir is not None else None
+        stored = archived_group(ctx.archive_dir, description) if description is not None else None
+        archived = stored is not None
+        if stored is None:
+            stored = cache.get("result") if cache is not None else None
         if stored is None:
             log(f"LDS predictions: {name}")
             with ctx.stages(f"method group: {name}"):
@@ -622,6 +677,8 @@ def method_predictions(ctx: Context, on_group=None) -> dict:
                           "meta": json.dumps(v["meta"], default=float)} for k, v in got.items()}
             if cache is not None:
                 cache.put("result", stored)
+        if description is not None and not archived:
+            archive_group(ctx.archive_dir, description, stored)
         for k, v in stored.items():
             meta, dampings = json.loads(v["meta"]), json.loads(v["dampings"])
             if k in results:  # an extension of an earlier group's entry (its default damping stays)

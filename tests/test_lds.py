@@ -299,11 +299,13 @@ def _check_every_method(model, corpus, masks, losses, queries, tmp_path):
     assert not any(name.startswith("method group") for name in again.stages.records)
     np.testing.assert_array_equal(second["ekfac"]["pred"], preds["ekfac"]["pred"])
     # a fresh clone (no cache): every group is read back from the archive kept in the repository, identical
-    assert sorted(p.stem for p in (tmp_path / "archive").glob("*.json")) == sorted(GROUPS)
+    assert sorted(p.stem for p in (tmp_path / "archive").glob("*.npz")) == sorted(GROUPS)
+    assert {p.stem for p in (tmp_path / "archive").glob("*.json")} == {*GROUPS, "default_damping", "spectrum"}
     fresh = Context(model, corpus, masks, queries, mconfig, wconfig, [(str(ckpt), 0.5), (str(ckpt2), 0.25)],
                     None, Stages(), archive_dir=tmp_path / "archive")
     third = method_predictions(fresh)
-    assert not any(name.startswith("method group") for name in fresh.stages.records)
+    assert not fresh.stages.records  # no group, no EK-FAC fit for the default damping: nothing computed
+    assert fresh.default_damping == ctx.default_damping and not fresh.stages.records
     assert third.keys() == preds.keys()
     for key in preds:
         np.testing.assert_array_equal(third[key]["pred"], preds[key]["pred"])

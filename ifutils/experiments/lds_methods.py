@@ -166,8 +166,29 @@ class Context:
     def default_damping(self) -> float:
         """lambda_0 = alpha x the mean eigenvalue of EK-FAC (true-Fisher labels) on the fit sentences."""
         if self._default is None:
-            self._default = self.wconfig.alpha * self.kfac_curvatures("model")["ekfac"].mean_eigenvalue()
+            self._default = self._kept("default_damping", lambda: self.wconfig.alpha * self.kfac_curvatures(
+                "model")["ekfac"].mean_eigenvalue())
         return self._default
+
+    def _kept(self, name: str, compute):
+        """``compute()`` (a JSON value that depends on the model and the whole-network settings only), kept in
+        ``archive_dir / f"{name}.json"`` beside the archived predictions, so that a fresh clone whose groups are all
+        archived neither refits EK-FAC for the default damping nor reruns Lanczos."""
+        if self.archive_dir is None:
+            return compute()
+        from ..io import atomic_write, weights_sha256
+
+        path = self.archive_dir / f"{name}.json"
+        description = json.loads(json.dumps({"weights": weights_sha256(self.model)[:16],
+                                             "whole_network": asdict(self.wconfig)}, default=float))
+        if path.is_file():
+            stored = json.loads(path.read_text())
+            if stored["description"] == description:
+                return stored["value"]
+        value = compute()
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps({"description": description, "value": value},
+                                                                 indent=1, default=float)))
+        return value
 
     def kfac_curvatures(self, labels: str) -> dict:
         from ..curvature.network_kfac import ekfac_network_curvature, fit_network_kfac, kfac_network_curvature
@@ -187,9 +208,8 @@ class Context:
             from .whole_network import exact_reference
 
             config = replace(self.wconfig, exact_curvatures=(), n_exact=0)
-            _, section = exact_reference(self.model, self.fit, self.eos, self.query_grads[:1], config, self.stages,
-                                         self.cache_dir)
-            self._spectrum = section["spectrum"]
+            self._spectrum = self._kept("spectrum", lambda: exact_reference(
+                self.model, self.fit, self.eos, self.query_grads[:1], config, self.stages, self.cache_dir)[1]["spectrum"])
         return self._spectrum
 
     def h_positive_definite(self, damping: float) -> bool:

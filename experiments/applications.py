@@ -22,6 +22,7 @@ from dataclasses import asdict
 
 import numpy as np
 
+from ifutils.cache import fingerprint
 from ifutils.config import add_arguments, from_args
 from ifutils.data import load_corpus
 from ifutils.experiments import applications as app
@@ -40,9 +41,10 @@ def main() -> None:
     parser.add_argument("--shard", default="0/1", help="i/k: train models j with j mod k == i")
     parser.add_argument("--lds-root", default="checkpoints/lds", help="the LDS study's models")
     parser.add_argument("--results", default=None, help="default results/ptb_applications.json")
-    parser.add_argument("--archive", default="results/retrained/applications", help="folder in the repository that "
-                        "keeps a copy of every finished model's record but the unlearning retrains' (whose weights "
-                        "the score reads); commit it: a fresh clone then skips those models. 'none': no archive")
+    parser.add_argument("--archive", default=None, help="folder in the repository that keeps the rankings and a copy "
+                        "of every finished model's record but the unlearning retrains' (whose weights the score "
+                        "reads); commit it: a fresh clone then skips those models. Default: "
+                        "results/retrained/applications with the default --lds-root, else none; 'none': no archive")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     config = from_args(app.ApplicationsConfig, args)
@@ -53,9 +55,9 @@ def main() -> None:
     choice = json.loads(choice_path.read_text())
     spec = from_args(RetrainSpec, args, epochs=choice["epochs"])
     root = model_root(project_path(args.lds_root), spec) / f"e{spec.epochs}_applications"
-    archive = None if args.archive == "none" else project_path(args.archive) / root.relative_to(
-        project_path(args.lds_root))
-    kept = lambda unit: None if unit.name.startswith("unlearn_retrain") else archive  # noqa: E731
+    archive = default_archive(args)
+    if archive is not None:
+        archive = archive / root.relative_to(project_path(args.lds_root))
     import torch
 
     torch.set_num_threads(spec.threads)  # --threads: 1 beside other processes (OpenMP waits thrash otherwise)
@@ -90,8 +92,15 @@ def main() -> None:
         print(f"rankings of {choice['checkpoint']} (damping {dampings['damping']:.3g}): {', '.join(harm)}")
         return
     units, task2 = plan(corpus, small, spec, config, harm)
+    # the records' folder is named after everything the units' training sets depend on (the rankings themselves,
+    # the design, the second task's corpus, the weights the buffer models start from): a record of another design
+    # can never be taken for one of this design
+    design = fingerprint(asdict(config), task2.name, len(task2.splits["train"]), weights_sha256(full),
+                         {k: torch.as_tensor(np.asarray(harm[k])) for k in needed})[:10]
+    records_dir = None if archive is None else archive / f"units_{design}"
+    kept = lambda unit: None if unit.name.startswith("unlearn_retrain") else records_dir  # noqa: E731
     if args.stage == "status":
-        done = load_records(root, [u for u, *_ in units], archive)
+        done = load_records(root, [u for u, *_ in units], records_dir)
         print(f"{len(done)} of {len(units)} application models trained under {root}")
         return
     if args.stage == "train":
@@ -110,7 +119,15 @@ def main() -> None:
                                 archive=kept(unit)))
                     for unit, data, unit_spec, init, splits in todo], f"applications (shard {i}/{k})")
         return
-    score(corpus, small, spec, config, wconfig, root, full, choice, units, task2, args, rank_config, archive)
+    score(corpus, small, spec, config, wconfig, root, full, choice, units, task2, args, rank_config, records_dir)
+
+
+def default_archive(args):
+    """``--archive`` as a Path, or None: 'none', or left out with a --lds-root other than the default (a run from
+    scratch elsewhere neither reads nor writes the committed archive)."""
+    if args.archive == "none" or (args.archive is None and args.lds_root != "checkpoints/lds"):
+        return None
+    return project_path(args.archive or "results/retrained/applications")
 
 
 def plan(corpus, small, spec, config, harm):

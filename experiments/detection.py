@@ -21,7 +21,15 @@ from dataclasses import asdict
 
 from ifutils.config import add_arguments, from_args
 from ifutils.data import load_corpus
-from ifutils.experiments.detection import DetectionConfig, detection_units, format_detection, score_models, train_models, unit_name
+from ifutils.experiments.detection import (
+    DetectionConfig,
+    detection_units,
+    format_detection,
+    score_models,
+    scored_models,
+    train_models,
+    unit_name,
+)
 from ifutils.experiments.lds import CHOICE_FILE, model_root
 from ifutils.io import atomic_write, environment, project_path, resolve_device
 from ifutils.retrain import RECORD_FILE, RetrainSpec
@@ -95,23 +103,6 @@ def main() -> None:
                            scored=scored)
     for metric in ("auroc", "average_precision", "recall@0.1"):
         print(f"\n{metric}:\n{format_detection(results['table'], metric)}")
-
-
-def scored_models(path, header: dict) -> dict:
-    """{model name: {"metrics", "info"}} of the models a results file of the same spec and design already scored
-    (with its per-model metrics); empty when the file is missing or was written for another configuration."""
-    if not path.is_file():
-        return {}
-    stored = json.loads(path.read_text())
-    if {k: (drop_threads(stored.get(k)) if k == "spec" else stored.get(k)) for k in header} != header:
-        return {}
-    per_model = stored.get("per_model", {})
-    return {name: {"metrics": per_model[name], "info": info} for name, info in stored["models"].items()
-            if name in per_model}
-
-
-def drop_threads(spec):
-    return {k: v for k, v in (spec or {}).items() if k != "threads"}
 
 
 if __name__ == "__main__":

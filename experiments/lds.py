@@ -50,9 +50,10 @@ def main() -> None:
                         "for the default configuration, results/ptb_lds_<hash>.json otherwise)")
     parser.add_argument("--shard", default="0/1", help="i/k: train units j with j mod k == i (default 0/1: all)")
     parser.add_argument("--root", default="checkpoints/lds", help="where the models live")
-    parser.add_argument("--archive", default="results/retrained/lds", help="folder in the repository that keeps a "
-                        "copy of every finished model's record (commit it: a fresh clone then skips those models); "
-                        "'none': no archive")
+    parser.add_argument("--archive", default=None, help="folder in the repository that keeps a copy of every finished "
+                        "model's record, the removal sets and each method group's predictions (commit it: a fresh "
+                        "clone then skips that work). Default: results/retrained/lds with the default --root, else "
+                        "none; 'none': no archive")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     config = from_args(LdsConfig, args)
@@ -63,6 +64,7 @@ def main() -> None:
         choice = choose_epochs(corpus, base, config, root, resolve_device(args.device))
         print(f"chosen epochs: {choice['epochs']} (valid ppl "
               f"{[round(h['valid_ppl'], 1) for h in choice['history']]}); checkpoint {choice['checkpoint']}")
+        check_full_model(choice, archive_for(args, model_root(root, base)))
         return
     epochs = args.chosen_epochs
     if epochs is None:
@@ -112,6 +114,33 @@ def main() -> None:
     print(f"shard {i}/{k}: {len(finished)} models finished")
 
 
+def check_full_model(choice: dict, archive) -> bool:
+    """Everything archived (predictions, removal sets, rankings) was computed from the full-data model, which each
+    fresh clone retrains: keep its weights' SHA-256 in ``<archive>/full_model.json`` the first time, and say loudly
+    when a retrained one differs (the archived predictions and rankings are then recomputed, not reused: their
+    descriptions name the weights). Returns True when the weights equal the archived ones (or are archived now)."""
+    from ifutils.io import atomic_write, load_checkpoint, weights_sha256
+
+    if archive is None:
+        return True
+    digest = weights_sha256(load_checkpoint(choice["checkpoint"])[0])
+    path = archive / "full_model.json"
+    mine = {"weights_sha256": digest, "epochs": choice["epochs"],
+            "valid_ppl": [h["valid_ppl"] for h in choice["history"]]}
+    if not path.is_file():
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(mine, indent=1)))
+        return True
+    kept = json.loads(path.read_text())
+    if kept["weights_sha256"] == digest:
+        print(f"the full-data model's weights equal the archived ones ({digest[:16]})")
+        return True
+    print(f"WARNING: the retrained full-data model differs from the one the archive was computed with "
+          f"({digest[:16]} here, {kept['weights_sha256'][:16]} in {path}; valid ppl {mine['valid_ppl']} against "
+          f"{kept['valid_ppl']}): the archived predictions and rankings will be recomputed, and the archived "
+          f"removal sets were chosen with the other model", file=sys.stderr)
+    return False
+
+
 def _shard(text: str) -> tuple[int, int]:
     try:
         i, k = (int(x) for x in text.split("/"))
@@ -122,12 +151,13 @@ def _shard(text: str) -> tuple[int, int]:
 
 def archive_for(args, path):
     """The archive folder of the models under ``path`` (a folder below ``--root``): ``--archive`` / the same relative
-    path, or None with ``--archive none`` (``ifutils.retrain.archive_record``)."""
+    path, or None with ``--archive none`` or with another ``--root`` and no ``--archive``
+    (``ifutils.retrain.archive_record``)."""
     from pathlib import Path
 
-    if args.archive == "none":
-        return None
-    return project_path(args.archive) / Path(path).relative_to(project_path(args.root))
+    if args.archive == "none" or (args.archive is None and args.root != "checkpoints/lds"):
+        return None  # a run from scratch under another --root neither reads nor writes the committed archive
+    return project_path(args.archive or "results/retrained/lds") / Path(path).relative_to(project_path(args.root))
 
 
 def removal_root(root, spec):
@@ -190,6 +220,18 @@ def results_path(args, spec, config, mconfig, wconfig) -> str:
     return f"results/{derive_name('ptb_lds', settings, defaults)}.json"
 
 
+def guard_results(out_path, complete: int, explicit: bool):
+    """(path to write, redirected?): ``out_path``, or ``cache/<name>.partial.json`` when it was not named explicitly
+    and already holds more complete subsets than ``complete`` (a fresh clone whose subset models are not all
+    restored yet: the predictions are still computed and archived, as they need only the full-data model, but the
+    committed LDS is never replaced by one over fewer subsets, and no figure is drawn)."""
+    if explicit or not out_path.is_file() or json.loads(out_path.read_text()).get("complete_subsets", 0) <= complete:
+        return out_path, False
+    partial = project_path("cache") / f"{out_path.stem}.partial{out_path.suffix}"
+    print(f"{out_path} holds more complete subsets than the {complete} here: writing {partial} (no figures)")
+    return partial, True
+
+
 def score(corpus, spec, config, root, args) -> None:
     """Every method's predictions on the full-data model and the LDS over the finished subsets; the results file is
     rewritten after each method group, so a stopped run keeps what it finished and a rerun reads it back."""
@@ -208,12 +250,7 @@ def score(corpus, spec, config, root, args) -> None:
     mconfig, losses, masks, choice = state["mconfig"], state["losses"], state["masks"], state["choice"]
     out_path = project_path(results_path(args, spec, config, mconfig, ctx.wconfig))
     complete = int((~np.isnan(losses).any(axis=(1, 2))).sum())
-    if out_path.is_file() and not args.results and json.loads(out_path.read_text()).get("complete_subsets", 0) > complete:
-        # a fresh clone with fewer subset records than the committed results: the predictions are still computed
-        # and archived (they need only the full-data model), but the committed LDS is not replaced by a smaller one
-        out_path = project_path("cache") / f"{out_path.stem}.partial{out_path.suffix}"
-        print(f"the committed results hold more complete subsets than the {complete} here: writing {out_path} "
-              f"(no figures)")
+    out_path, redirected = guard_results(out_path, complete, explicit=bool(args.results))
     cf = from_args(CounterfactualConfig, args, prefix="cf-")
     removals = None
     if (removal_root(root, spec) / REMOVALS_FILE).is_file():
@@ -247,7 +284,7 @@ def score(corpus, spec, config, root, args) -> None:
         print(f"[{group}] wrote {out_path} ({complete} complete subsets)", flush=True)
 
     predictions = method_predictions(ctx, on_group=write)
-    if complete >= 3 and out_path.parent == project_path("results"):
+    if complete >= 3 and not redirected:
         from ifutils.experiments.plots import lds_by_method, lds_vs_damping
 
         results = json.loads(out_path.read_text())

@@ -357,7 +357,7 @@ def train_unit(corpus: Corpus, spec: RetrainSpec, unit: Unit, root: str | os.Pat
     identity = {"indices": fingerprint(sorted(unit.indices)), "seed": unit.seed, "spec": spec.identity()}
     if path.is_file():
         record = _read_record(path, identity)
-        if archive is not None and archived_record(archive, unit.name) is None:
+        if archive is not None and archived_record(archive, unit.name, identity) is None:  # a mismatch raises
             archive_record(archive, unit.name, record)
         return record
     stored = archived_record(archive, unit.name, identity)
@@ -428,10 +428,14 @@ def run_units(corpus: Corpus, spec: RetrainSpec, units: Sequence[Unit], root: st
     torch.set_num_threads(spec.threads)
     mine = [u for j, u in enumerate(units) if j % k == i]
     if archive is not None:
+        archive = Path(archive)
         archive_records(root, mine, archive)  # units finished before the study had an archive
         for u in mine:  # archived ones restored (not trained) before the progress bar, which counts only trainings
-            if not _record_path(Path(root), u).is_file() and archived_record(archive, u.name) is not None:
-                train_unit(corpus, spec, u, root, device, archive=archive)
+            if not _record_path(Path(root), u).is_file() and (archive / f"{u.name}{ARCHIVE_SUFFIX}").is_file():
+                try:
+                    train_unit(corpus, spec, u, root, device, archive=archive)
+                except ValueError:  # an archived record of another design: raised again by train_each below,
+                    pass  # which logs it and trains the other units first
     todo = [u for u in mine if not _record_path(Path(root), u).is_file()]
     log(f"{len(mine)} units in shard {i}/{k}: {len(mine) - len(todo)} finished, {len(todo)} to train")
     train_each([(u.name, lambda u=u: train_unit(corpus, spec, u, root, device, archive=archive)) for u in todo],

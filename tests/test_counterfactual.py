@@ -100,3 +100,10 @@ def test_the_sets_file_is_written_once_and_guards_its_design(tmp_path):
     assert load_or_write_sets(tmp_path / "fresh_clone", compute, config, archive) == first and calls == [1]
     assert load_or_write_sets(tmp_path / "other", compute, config, tmp_path / "archive2") == first and calls == [1, 1]
     assert (tmp_path / "archive2" / "removals.json").is_file()
+    # a local file of other sets than the archived ones is refused (never silently replaced either way)
+    (tmp_path / "third").mkdir()
+    other = removal_sets(np.random.default_rng(4).normal(size=(30, 6)), config, 30)
+    (tmp_path / "third" / "removals.json").write_text(json.dumps({"config": json.loads(json.dumps(
+        __import__("dataclasses").asdict(config))), "sets": other}))
+    with pytest.raises(ValueError, match="other removal sets"):
+        load_or_write_sets(tmp_path / "third", compute, config, archive)

@@ -70,6 +70,20 @@ def test_detection_study_on_a_tiny_corpus(tmp_path):
     assert again["table"] == out["table"] and not (tmp_path / "no_cache").exists()
     assert train_models(corpus, spec, config, tmp_path / "m", skip=set(scored)) == []
     assert not (tmp_path / "m" / "repeat_s1").exists()
+    # the entry point finds them in its results file, for this configuration only (the spec's threads ignored)
+    import json
+    from dataclasses import asdict
+
+    from ifutils.experiments.detection import scored_models
+
+    header = json.loads(json.dumps({"spec": {k: v for k, v in asdict(spec).items() if k != "threads"},
+                                    "config": asdict(config), "whole_network_config": asdict(wconfig)}))
+    results = tmp_path / "ptb_detection.json"
+    results.write_text(json.dumps({**header, "spec": asdict(spec), "table": out["table"], "models": out["models"],
+                                   "per_model": out["per_model"]}))
+    assert scored_models(results, header) == json.loads(json.dumps(scored))
+    assert scored_models(results, {**header, "config": {**header["config"], "fraction": 0.2}}) == {}
+    assert scored_models(tmp_path / "missing.json", header) == {}
     text = format_detection(out["table"], "recall@0.1")
     assert "self-influence, EK-FAC" in text and "OGA: isolation forest" in text and len(text.splitlines()) == 2 + 16
 

@@ -318,3 +318,46 @@ def _check_every_method(model, corpus, masks, losses, queries, tmp_path):
                     archive_dir=tmp_path / "archive")
     assert np.abs(method_predictions(moved)["identity"]["pred"][0] - preds["identity"]["pred"][0]).max() > 0
     assert any(name.startswith("method group") for name in moved.stages.records)
+
+
+def test_the_entry_points_guard_of_committed_results_and_its_archive_paths(tmp_path, monkeypatch, capsys):
+    """experiments/lds.py: a score over fewer complete subsets than the results file holds is redirected to cache/
+    (never over the committed file) unless the file is named; the archive mirrors --root, is off with another root
+    unless named; a retrained full-data model of other weights is reported."""
+    import argparse
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from ifutils.io import project_path, save_checkpoint
+
+    from .test_whole_network import _tiny_setup
+
+    spec = importlib.util.spec_from_file_location("lds_entry", Path(__file__).parent.parent / "experiments" / "lds.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    committed = tmp_path / "ptb_lds.json"
+    committed.write_text(json.dumps({"complete_subsets": 100}))
+    assert entry.guard_results(committed, 100, explicit=False) == (committed, False)
+    assert entry.guard_results(committed, 40, explicit=True) == (committed, False)
+    assert entry.guard_results(tmp_path / "new.json", 3, explicit=False) == (tmp_path / "new.json", False)
+    path, redirected = entry.guard_results(committed, 40, explicit=False)
+    assert redirected and path == project_path("cache") / "ptb_lds.partial.json"
+
+    args = lambda **kw: argparse.Namespace(**{"root": "checkpoints/lds", "archive": None, **kw})  # noqa: E731
+    below = project_path("checkpoints/lds") / "w128_n10000_x" / "e7_removals"
+    assert entry.archive_for(args(), below) == project_path("results/retrained/lds/w128_n10000_x/e7_removals")
+    assert entry.archive_for(args(archive="none"), below) is None
+    scratch = tmp_path / "scratch"
+    assert entry.archive_for(args(root=str(scratch)), scratch / "m") is None
+    assert entry.archive_for(args(root=str(scratch), archive=str(tmp_path / "a")), scratch / "m") == tmp_path / "a" / "m"
+
+    corpus, model = _tiny_setup()
+    save_checkpoint(tmp_path / "full.pt", model.float(), corpus.vocab)
+    choice = {"checkpoint": str(tmp_path / "full.pt"), "epochs": 1, "history": [{"valid_ppl": 10.0}]}
+    assert entry.check_full_model(choice, tmp_path / "arch") and entry.check_full_model(choice, tmp_path / "arch")
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1.0
+    save_checkpoint(tmp_path / "full.pt", model.float(), corpus.vocab)
+    assert not entry.check_full_model(choice, tmp_path / "arch")
+    assert "WARNING: the retrained full-data model differs" in capsys.readouterr().err

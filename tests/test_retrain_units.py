@@ -93,12 +93,19 @@ def test_an_archived_unit_is_restored_on_a_fresh_clone_without_training_and_arch
     assert set(load_records(tmp_path / "elsewhere", [a, b], archive)) == {"a", "b"}
     with pytest.raises(ValueError, match="pick another archive"):
         train_unit(toy_corpus(), SPEC, Unit("a", tuple(range(1, 50, 2)), 0), tmp_path / "third", archive=archive)
+    # an archived record of another design stops neither the restores nor the trainings of the other units
+    (archive / "b.json.gz").rename(archive / "z.json.gz")
+    z = Unit("z", tuple(range(2, 50, 2)), 5)
+    with pytest.raises(RuntimeError, match="1 units failed"):
+        run_units(toy_corpus(), SPEC, [z, a, b], tmp_path / "fourth", archive=archive)
+    assert (tmp_path / "fourth" / "b" / "record.json").is_file() and not (tmp_path / "fourth" / "z").exists()
+    (archive / "z.json.gz").rename(archive / "b.json.gz")
     # a record trained before the study had an archive is copied into it by run_units
     c = Unit("c", tuple(range(0, 50, 5)), 2)
     train_unit(toy_corpus(), SPEC, c, tmp_path / "new_clone")
     assert archived_record(archive, "c") is None
     run_units(toy_corpus(), SPEC, [a, b, c], tmp_path / "new_clone", archive=archive)
-    assert archived_record(archive, "c")["seed"] == 2 and trained == [25, 10]
+    assert archived_record(archive, "c")["seed"] == 2 and trained == [25, 25, 10]  # b again in "fourth", c
 
 
 def test_a_unit_killed_mid_training_resumes_to_the_weights_and_losses_of_an_uninterrupted_one(tmp_path, one_thread):

@@ -324,21 +324,27 @@ def archived_rankings(base, description: dict):
     if stored["description"] != json.loads(json.dumps(description)):
         log(f"{base}.json was written for another model or setting: the rankings are computed again")
         return None
+    from ..io import file_sha256
+
+    if stored.get("npz_sha256") != file_sha256(base.with_suffix(".npz")):
+        log(f"{base}.npz is not the file {base}.json describes: the rankings are computed again")
+        return None
     with np.load(base.with_suffix(".npz")) as arrays:
         return {k: arrays[k] for k in stored["description"]["methods"]}, stored["dampings"]
 
 
 def archive_rankings(base, description: dict, scores: dict, dampings: dict) -> None:
     """Keep the rankings the application units are built from in the repository: ``<base>.npz`` (each method's
-    (n_train,) float64 harm scores) and ``<base>.json`` (the description: checkpoint hash and settings; and the
-    dampings), written atomically, the JSON last. ``scores``: {method: (n_train,) float64}; ``description``: JSON
-    values (the entry point names the full-data model's ``weights_sha256`` and the settings)."""
-    from ..io import atomic_write
+    (n_train,) float64 harm scores) and ``<base>.json`` (the description, the dampings and the npz file's SHA-256),
+    written atomically, the JSON last. ``scores``: {method: (n_train,) float64}; ``description``: JSON values (the
+    entry point names the full-data model's ``weights_sha256`` and the settings)."""
+    from ..io import atomic_write, file_sha256
 
     def write_arrays(tmp):
         with open(tmp, "wb") as handle:
             np.savez_compressed(handle, **scores)
 
     atomic_write(base.with_suffix(".npz"), write_arrays)
+    digest = file_sha256(base.with_suffix(".npz"))
     atomic_write(base.with_suffix(".json"), lambda tmp: tmp.write_text(
-        json.dumps({"description": description, "dampings": dampings}, indent=1)))
+        json.dumps({"description": description, "npz_sha256": digest, "dampings": dampings}, indent=1)))

@@ -105,12 +105,15 @@ def load_or_write_sets(root: Path, compute, config: CounterfactualConfig, archiv
     kept = Path(archive) / REMOVALS_FILE if archive is not None else None
     if not path.is_file() and kept is not None and kept.is_file():
         atomic_write(path, lambda tmp: tmp.write_bytes(kept.read_bytes()))
-    if kept is not None and path.is_file() and not kept.is_file():
-        atomic_write(kept, lambda tmp: tmp.write_bytes(path.read_bytes()))
     if path.is_file():
         stored = json.loads(path.read_text())
         if stored["config"] != json.loads(json.dumps(asdict(config))):
             raise ValueError(f"{path} was written for another design {stored['config']}; pick another --root")
+        if kept is not None and not kept.is_file():  # checked first: another design's file never enters the archive
+            atomic_write(kept, lambda tmp: tmp.write_bytes(path.read_bytes()))
+        elif kept is not None and json.loads(kept.read_text()) != stored:
+            raise ValueError(f"{path} and the archived {kept} hold other removal sets; keep the archived ones (delete "
+                             f"{path}) or pick another --root and --archive")
         sets = stored["sets"]
         sets["top"] = {m: {int(j): v for j, v in per.items()} for m, per in sets["top"].items()}
         sets["random"] = {int(k): v for k, v in sets["random"].items()}

@@ -257,6 +257,23 @@ def score_models(corpus: Corpus, spec: RetrainSpec, config: DetectionConfig, wco
             "per_model": {unit_name(*key): metrics for key, metrics in per_model.items()}}
 
 
+def scored_models(path, header: dict) -> dict:
+    """{model name: {"metrics", "info"}} of the models that the results file ``path`` already scored (its
+    ``per_model`` and ``models``), for :func:`score_models`'s ``scored``; empty when the file is missing, has no
+    per-model metrics, or was written for another configuration: ``header`` ({"spec" without ``threads``,
+    "config", "whole_network_config"}, JSON values) must equal the file's (its spec's ``threads`` ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    stored = json.loads(path.read_text())
+    spec = {k: v for k, v in (stored.get("spec") or {}).items() if k != "threads"}
+    if {k: (spec if k == "spec" else stored.get(k)) for k in header} != header:
+        return {}
+    per_model = stored.get("per_model", {})
+    return {name: {"metrics": per_model[name], "info": info} for name, info in stored.get("models", {}).items()
+            if name in per_model}
+
+
 def _check_metric(metric: str) -> None:
     if metric not in ("auroc", "average_precision") and not (
             isinstance(metric, str) and metric.startswith("recall@") and metric[7:].replace(".", "", 1).isdigit()):

@@ -179,7 +179,7 @@ class Context:
         from ..io import atomic_write, weights_sha256
 
         path = self.archive_dir / f"{name}.json"
-        description = json.loads(json.dumps({"weights": weights_sha256(self.model)[:16],
+        description = json.loads(json.dumps({"weights": weights_sha256(self.model)[:16], "version": ARCHIVE_VERSION,
                                              "whole_network": asdict(self.wconfig)}, default=float))
         if path.is_file():
             stored = json.loads(path.read_text())
@@ -617,12 +617,19 @@ GROUP_FUNCTIONS = {"identity": group_identity, "cosine": group_cosine, "fishers"
                    "lissa": group_lissa, "kronecker_all": group_kronecker_all}
 
 
+ARCHIVE_VERSION = 1
+"""Part of every archived group's description (:func:`archive_group`): the archive is keyed by the weights, design and
+settings, not by the source code (an edit of a comment must not throw away hours of predictions), so a change of
+what a group computes must raise this number (or ``GROUP_KEYS``), and its archived predictions are then recomputed."""
+
+
 def _group_description(ctx: Context, name: str) -> dict:
-    """What a group's predictions depend on, but the code: the weights, masks, queries and every setting."""
+    """What a group's predictions depend on: the weights, masks, queries, every setting and
+    :data:`ARCHIVE_VERSION` (not the source code)."""
     from ..io import weights_sha256
 
     return json.loads(json.dumps({
-        "group": name, "weights": weights_sha256(ctx.model)[:16], "masks": ctx.masks_key, "queries": ctx.queries,
+        "group": name, "version": ARCHIVE_VERSION, "weights": weights_sha256(ctx.model)[:16], "masks": ctx.masks_key, "queries": ctx.queries,
         "whole_network": {k: getattr(ctx.wconfig, k) for k in ("n_fit", "seed", "mc_samples", "alpha")},
         "methods": {k: v for k, v in asdict(ctx.config).items() if k not in ("groups", "n_queries")},
         "n_queries": ctx.config.n_queries, **GROUP_KEYS.get(name, {})}, default=float))
@@ -636,9 +643,15 @@ def archived_group(archive_dir, description: dict) -> dict | None:
     path = Path(archive_dir) / f"{description['group']}.json"
     if not path.is_file() or not path.with_suffix(".npz").is_file():
         return None
+    from ..io import file_sha256
+
     stored = json.loads(path.read_text())
     if stored["description"] != description:
         log(f"{path} was written for another model or setting: group {description['group']} is computed again")
+        return None
+    if stored.get("npz_sha256") != file_sha256(path.with_suffix(".npz")):
+        log(f"{path.with_suffix('.npz')} is not the file {path.name} describes: group {description['group']} is "
+            f"computed again")
         return None
     with np.load(path.with_suffix(".npz")) as arrays:
         return {k: {**v, "pred": torch.as_tensor(arrays[k])} for k, v in stored["entries"].items()}
@@ -649,7 +662,7 @@ def archive_group(archive_dir, description: dict, stored: dict) -> None:
     method key) and ``<group>.json`` (the description and each key's dampings and meta), written atomically, the
     JSON last. The predictions need only the full-data model, so they are computed once, in any session, whether
     or not the subset models exist; the LDS then only reads them back. A few hundred kB per group."""
-    from ..io import atomic_write
+    from ..io import atomic_write, file_sha256
 
     base = Path(archive_dir) / description["group"]
     arrays = {k: v["pred"].double().numpy() for k, v in stored.items()}
@@ -659,8 +672,9 @@ def archive_group(archive_dir, description: dict, stored: dict) -> None:
 
     atomic_write(base.with_suffix(".npz"), write_arrays)
     entries = {k: {"dampings": v["dampings"], "meta": v["meta"]} for k, v in stored.items()}
+    digest = file_sha256(base.with_suffix(".npz"))  # ties the pair: a crash between the two writes is detected
     atomic_write(base.with_suffix(".json"), lambda tmp: tmp.write_text(
-        json.dumps({"description": description, "entries": entries}, indent=1)))
+        json.dumps({"description": description, "npz_sha256": digest, "entries": entries}, indent=1)))
 
 
 def method_predictions(ctx: Context, on_group=None) -> dict:

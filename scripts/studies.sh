@@ -13,8 +13,8 @@
 # (logs/studies.lock). STUDIES_POLL_S, STUDIES_TICK_S: the waits between checks (tests/test_studies_script.py).
 # Across sessions: every finished model's record, the LDS predictions of each method group, the applications'
 # rankings (results/retrained/) and each scored corrupted model (results/ptb_detection.json) are kept in the
-# repository; commit them as they come (git add results/retrained results/ptb_detection.json) and a fresh clone
-# skips that work. The checkpoints/ and cache/ folders are not kept.
+# repository; commit them as they come (bash scripts/keep_studies.sh) and a fresh clone skips that work. The
+# checkpoints/ and cache/ folders are not kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=.venv/bin/python

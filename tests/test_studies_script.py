@@ -71,3 +71,41 @@ def test_a_second_instance_refuses_to_start(tmp_path):
     finally:
         os.killpg(first.pid, 9)
         first.wait()
+
+
+def test_keep_studies_commits_the_new_records_and_the_regenerated_results_only(tmp_path):
+    """scripts/keep_studies.sh in a scratch repository with a stand-in interpreter (its report.py writes
+    docs/results.md): the new records, the detection results and docs/results.md are committed; another staged or
+    unstaged change is not; a second run has nothing new."""
+    project = tmp_path
+    (project / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "keep_studies.sh", project / "scripts" / "keep_studies.sh")
+    stub = project / ".venv" / "bin" / "python"
+    stub.parent.mkdir(parents=True)
+    stub.write_text('#!/usr/bin/env bash\nmkdir -p docs && ls results >> docs/results.md\n')
+    stub.chmod(0o755)
+    git = lambda *a: subprocess.run(["git", *a], cwd=project, check=True, capture_output=True, text=True).stdout  # noqa: E731
+    git("init", "-q")
+    git("config", "user.email", "t@example.com")
+    git("config", "user.name", "t")
+    (project / ".gitignore").write_text(".venv/\n")
+    (project / "notes.txt").write_text("draft")
+    git("add", ".gitignore", "notes.txt")
+    git("commit", "-q", "-m", "start")
+    (project / "results" / "retrained" / "lds").mkdir(parents=True)
+    for name in ("m000_s0", "m000_s1"):
+        (project / "results" / "retrained" / "lds" / f"{name}.json.gz").write_bytes(b"x")
+    (project / "results" / "ptb_detection.json").write_text("{}")
+    (project / "notes.txt").write_text("edited, not to be committed")
+    (project / "other.txt").write_text("staged, not to be committed")
+    git("add", "other.txt")
+    run = lambda: subprocess.run(["bash", "scripts/keep_studies.sh"], cwd=project, capture_output=True, text=True,  # noqa: E731
+                                 timeout=60)
+    first = run()
+    assert first.returncode == 0 and "2 new model records" in first.stdout, first.stdout + first.stderr
+    assert sorted(git("show", "--name-only", "--format=", "HEAD").split()) == [
+        "docs/results.md", "results/ptb_detection.json", "results/retrained/lds/m000_s0.json.gz",
+        "results/retrained/lds/m000_s1.json.gz"]
+    assert "other.txt" in git("diff", "--cached", "--name-only") and "notes.txt" in git("diff", "--name-only")
+    second = run()
+    assert second.returncode == 0 and "nothing new" in second.stdout

@@ -16,5 +16,5 @@ fi
 .venv/bin/python experiments/report.py
 git add docs/results.md
 records=$(git diff --cached --name-only -- results/retrained | grep -c '\.json\.gz$' || true)
-git commit -q -m "studies: $records new model records and the scored results so far" -- "${paths[@]}" docs/results.md
-echo "[keep] committed $(git log -1 --format=%h): $records new model records"
+git commit -q -m "studies: new model records ($records) and the scored results so far" -- "${paths[@]}" docs/results.md
+echo "[keep] committed $(git log -1 --format=%h): new model records: $records"

@@ -102,7 +102,7 @@ def test_keep_studies_commits_the_new_records_and_the_regenerated_results_only(t
     run = lambda: subprocess.run(["bash", "scripts/keep_studies.sh"], cwd=project, capture_output=True, text=True,  # noqa: E731
                                  timeout=60)
     first = run()
-    assert first.returncode == 0 and "2 new model records" in first.stdout, first.stdout + first.stderr
+    assert first.returncode == 0 and "new model records: 2" in first.stdout, first.stdout + first.stderr
     assert sorted(git("show", "--name-only", "--format=", "HEAD").split()) == [
         "docs/results.md", "results/ptb_detection.json", "results/retrained/lds/m000_s0.json.gz",
         "results/retrained/lds/m000_s1.json.gz"]
